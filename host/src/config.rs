@@ -1,0 +1,959 @@
+//! The TOML configuration: plain data with serde, plus validation that reports every
+//! problem with its path and line.
+//!
+//! Loading happens in two passes so that one typo does not hide the next: the document
+//! is first split into its `[admin]`, `[[listener]]`, `[[upstream]]` and `[[plugin]]`
+//! tables (keeping each table's byte span), then every table is deserialized on its
+//! own and checked, and all the problems found are returned together.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+/// A whole wasmbassador configuration.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Config {
+    /// The admin HTTP server and shutdown behaviour.
+    pub admin: AdminConfig,
+    /// Local ports, in file order.
+    pub listeners: Vec<ListenerConfig>,
+    /// Remote services, in file order.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// WebAssembly plugins (loaded by the plugin runtime; accepted and checked here).
+    pub plugins: Vec<PluginConfig>,
+}
+
+/// `[admin]`: the admin HTTP endpoint and drain timing.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin HTTP server; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// After SIGTERM, keep accepting new connections this long.
+    #[serde(with = "duration")]
+    pub drain_delay: Duration,
+    /// Then wait this long for open connections before exiting.
+    #[serde(with = "duration")]
+    pub drain_timeout: Duration,
+    /// When true, `/ready` also requires every upstream to have a healthy endpoint.
+    pub ready_requires_upstream: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            drain_delay: Duration::ZERO,
+            drain_timeout: Duration::from_secs(20),
+            ready_requires_upstream: false,
+        }
+    }
+}
+
+/// How much a listener reads before it picks an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Raw bytes: nothing is read before connecting.
+    #[default]
+    Tcp,
+    /// PostgreSQL: the SSLRequest and startup message are read first.
+    Postgres,
+    /// HTTP: planned, refused by validation in this version.
+    Http,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Postgres => "postgres",
+            Protocol::Http => "http",
+        })
+    }
+}
+
+/// `[[listener]]`: one local port.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Unique name, used in logs and metrics.
+    pub name: String,
+    /// Local address to accept on, such as `127.0.0.1:5432`.
+    pub listen: String,
+    /// `tcp`, `postgres` or `http`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Name of the `[[upstream]]` that receives the traffic.
+    pub upstream: String,
+    /// Plugin names, run in this order.
+    #[serde(default)]
+    pub plugins: Vec<String>,
+    /// Beyond this many open connections, new ones are closed at once and counted.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Close a connection idle this long in both directions.
+    #[serde(default, with = "opt_duration")]
+    pub idle_timeout: Option<Duration>,
+}
+
+fn default_max_connections() -> usize {
+    10_000
+}
+
+impl ListenerConfig {
+    /// The resolved local address. Validation guarantees this succeeds for a loaded config.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen.to_socket_addrs().ok()?.next()
+    }
+}
+
+/// `[[upstream]]`: one remote service and its endpoints.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Unique name that listeners refer to.
+    pub name: String,
+    /// Timeout of one connect attempt (TCP and TLS handshake together).
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    /// Connect retries.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Active health checks.
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// Passive ejection after consecutive connect failures.
+    #[serde(default)]
+    pub eject: EjectConfig,
+    /// TLS towards the upstream; absent means plain text.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// The endpoints, in any order (priority decides).
+    #[serde(default)]
+    pub endpoint: Vec<EndpointConfig>,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// `upstream.retry`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Total connect attempts for one client connection, across endpoints.
+    pub attempts: u32,
+    /// Base of the exponential backoff (with jitter, capped at 2 s).
+    #[serde(with = "duration")]
+    pub backoff: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            attempts: 3,
+            backoff: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Which active health check an upstream uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheck {
+    /// A TCP connect.
+    #[default]
+    Tcp,
+    /// An SSLRequest probe: needs no credentials, proves a PostgreSQL server answers.
+    Postgres,
+    /// HTTP GET: planned, refused by validation in this version.
+    Http,
+}
+
+/// `upstream.health`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// The kind of probe.
+    pub check: HealthCheck,
+    /// Time between probes of one endpoint.
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    /// Timeout of one probe.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Consecutive failed probes before an endpoint is called unhealthy.
+    pub unhealthy_after: u32,
+    /// Consecutive good probes before an unhealthy endpoint is called healthy again.
+    pub healthy_after: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            check: HealthCheck::Tcp,
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            unhealthy_after: 2,
+            healthy_after: 2,
+        }
+    }
+}
+
+/// `upstream.eject`: passive ejection.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EjectConfig {
+    /// Consecutive connect failures that eject an endpoint.
+    pub after: u32,
+    /// How long an ejected endpoint is skipped.
+    #[serde(rename = "for", with = "duration")]
+    pub duration: Duration,
+}
+
+impl Default for EjectConfig {
+    fn default() -> Self {
+        Self {
+            after: 5,
+            duration: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where trusted root certificates come from when no `ca` file is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Roots {
+    /// The Mozilla root program, compiled in (webpki-roots).
+    Webpki,
+    /// The operating system's store.
+    System,
+}
+
+/// How TLS starts on a `postgres` listener's upstream connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PostgresTls {
+    /// Send an SSLRequest, expect `S`, then handshake (every PostgreSQL version).
+    #[default]
+    Sslrequest,
+    /// Handshake at once with ALPN `postgresql` (PostgreSQL 17 and newer).
+    Direct,
+}
+
+/// `upstream.tls`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM bundle of trusted CAs.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Built-in or system roots, when no `ca` is given.
+    #[serde(default)]
+    pub roots: Option<Roots>,
+    /// SNI and the name verified; defaults to each endpoint's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Client certificate chain (PEM) for mTLS.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// Client private key (PEM) for mTLS.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// SSLRequest or direct TLS for postgres listeners.
+    #[serde(default)]
+    pub postgres: PostgresTls,
+    /// Skip certificate verification; warned about at startup.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+/// `[[upstream.endpoint]]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// `host:port`; host names are resolved at each connect attempt.
+    pub address: String,
+    /// Lower is preferred.
+    #[serde(default)]
+    pub priority: u32,
+    /// Within one priority, new connections spread by weight.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Names a plugin can route to.
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// What a plugin failure (trap, timeout, memory overrun) means for the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Refuse the connection.
+    #[default]
+    Deny,
+    /// Carry on as if the plugin had no objection.
+    Allow,
+}
+
+/// `[[plugin]]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Unique name that listeners refer to.
+    pub name: String,
+    /// The `.wasm` file; its folder is watched.
+    pub path: PathBuf,
+    /// Policy on trap, timeout or memory overrun.
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Deadline of one hook call.
+    #[serde(default = "default_plugin_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// Linear memory cap.
+    #[serde(default = "default_plugin_memory", deserialize_with = "byte_size")]
+    pub memory: u64,
+    /// Pin: a file with another SHA-256 digest (hex) is refused.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Capabilities granted to the plugin.
+    #[serde(default)]
+    pub grants: Grants,
+    /// Handed to the plugin's `init`.
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+fn default_plugin_timeout() -> Duration {
+    Duration::from_millis(10)
+}
+
+fn default_plugin_memory() -> u64 {
+    16 << 20
+}
+
+/// `plugin.grants`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Grants {
+    /// Files the plugin may read through the host.
+    #[serde(default)]
+    pub files: Vec<PathBuf>,
+}
+
+/// One thing wrong with a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where, as a path such as `upstream "orders".retry.attempts`.
+    pub path: String,
+    /// 1-based line in the file, when known.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "line {line}: {}: {}", self.path, self.message),
+            None => write!(f, "{}: {}", self.path, self.message),
+        }
+    }
+}
+
+/// A configuration that was refused, with every problem found.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    /// The file (or `<string>`) the text came from.
+    pub source_name: String,
+    /// Every problem, in file order where lines are known.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} problem{}",
+            self.source_name,
+            self.problems.len(),
+            if self.problems.len() == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The top level, with each table kept as raw TOML plus its span.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDocument {
+    #[serde(default)]
+    admin: Option<toml::Spanned<toml::Value>>,
+    #[serde(default)]
+    listener: Vec<toml::Spanned<toml::Value>>,
+    #[serde(default)]
+    upstream: Vec<toml::Spanned<toml::Value>>,
+    #[serde(default)]
+    plugin: Vec<toml::Spanned<toml::Value>>,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            problems: vec![Problem {
+                path: "file".into(),
+                line: None,
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        Self::parse(&text, &name)
+    }
+
+    /// Parses and validates TOML text; `source_name` only labels errors.
+    pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
+        let mut checker = Checker {
+            text,
+            problems: Vec::new(),
+        };
+        let config = checker.parse();
+        if let Some(config) = &config {
+            checker.validate(config);
+        }
+        let mut problems = checker.problems;
+        match config {
+            Some(config) if problems.is_empty() => Ok(config.0),
+            _ => {
+                problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+                Err(ConfigError {
+                    source_name: source_name.to_string(),
+                    problems,
+                })
+            }
+        }
+    }
+
+    /// The upstream named `name`.
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+}
+
+/// A parsed config plus the span of each of its tables, for validation messages.
+struct Spanned {
+    spans: BTreeMap<String, Range<usize>>,
+}
+
+struct Checker<'a> {
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn line_at(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())]
+            .bytes()
+            .filter(|b| *b == b'\n')
+            .count()
+            + 1
+    }
+
+    /// The line of `key = ` inside `span`, or the span's first line.
+    fn line_of_key(&self, span: &Range<usize>, key: Option<&str>) -> usize {
+        if let Some(key) = key {
+            let body = &self.text[span.clone()];
+            let mut search = 0;
+            while let Some(found) = body[search..].find(key) {
+                let at = search + found;
+                let before = body[..at].chars().next_back();
+                let after = body[at + key.len()..].trim_start();
+                let starts_key = matches!(before, None | Some(' ' | '\t' | '\n' | '{' | ','));
+                let quoted = matches!(before, Some('"')) && after.starts_with('"');
+                if (starts_key && after.starts_with('=')) || quoted {
+                    return self.line_at(span.start + at);
+                }
+                search = at + key.len();
+            }
+        }
+        self.line_at(span.start)
+    }
+
+    fn problem(&mut self, path: String, line: Option<usize>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path,
+            line,
+            message: message.into(),
+        });
+    }
+
+    /// Deserializes one table, recording the first problem inside it with its path.
+    fn table<T: DeserializeOwned>(&mut self, label: &str, span: Range<usize>, value: toml::Value) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let inner = e.path().to_string();
+                let message = e.into_inner().message().to_string();
+                // serde names an unknown field in the message, not in the path.
+                let key = unknown_field(&message)
+                    .or_else(|| inner.rsplit('.').find(|s| !s.chars().all(|c| c.is_ascii_digit())))
+                    .map(str::to_string);
+                let path = if inner == "." || inner.is_empty() {
+                    label.to_string()
+                } else {
+                    format!("{label}.{inner}")
+                };
+                let line = self.line_of_key(&span, key.as_deref());
+                self.problem(path, Some(line), message);
+                None
+            }
+        }
+    }
+
+    fn parse(&mut self) -> Option<(Config, Spanned)> {
+        let raw: RawDocument = match toml::from_str(self.text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let line = e.span().map(|s| self.line_at(s.start));
+                self.problem("document".into(), line, e.message().trim().to_string());
+                return None;
+            }
+        };
+        let mut spans = BTreeMap::new();
+        let mut ok = true;
+        let admin = match raw.admin {
+            Some(v) => {
+                spans.insert("admin".to_string(), v.span());
+                let span = v.span();
+                self.table::<AdminConfig>("admin", span, v.into_inner())
+            }
+            None => Some(AdminConfig::default()),
+        };
+        ok &= admin.is_some();
+        let mut tables = |kind: &str, items: Vec<toml::Spanned<toml::Value>>| {
+            let mut out = Vec::new();
+            for (i, v) in items.into_iter().enumerate() {
+                let label = entry_label(kind, i, &v);
+                spans.insert(label.clone(), v.span());
+                out.push((label, v));
+            }
+            out
+        };
+        let listener_raw = tables("listener", raw.listener);
+        let upstream_raw = tables("upstream", raw.upstream);
+        let plugin_raw = tables("plugin", raw.plugin);
+        // toml gives a table's header as its span; a table's keys run until the next
+        // top-level table starts, so widen each span to that.
+        let mut starts: Vec<usize> = spans.values().map(|s| s.start).collect();
+        starts.sort_unstable();
+        let end = self.text.len();
+        for span in spans.values_mut() {
+            span.end = starts.iter().copied().find(|s| *s > span.start).unwrap_or(end);
+        }
+        let widen = |items: Vec<(String, toml::Spanned<toml::Value>)>| -> Vec<(String, Range<usize>, toml::Value)> {
+            items
+                .into_iter()
+                .map(|(label, v)| {
+                    let span = spans.get(&label).cloned().unwrap_or_else(|| v.span());
+                    (label, span, v.into_inner())
+                })
+                .collect()
+        };
+        let listener_raw = widen(listener_raw);
+        let upstream_raw = widen(upstream_raw);
+        let plugin_raw = widen(plugin_raw);
+        let mut listeners = Vec::new();
+        for (label, span, v) in listener_raw {
+            match self.table::<ListenerConfig>(&label, span, v) {
+                Some(l) => listeners.push(l),
+                None => ok = false,
+            }
+        }
+        let mut upstreams = Vec::new();
+        for (label, span, v) in upstream_raw {
+            match self.table::<UpstreamConfig>(&label, span, v) {
+                Some(u) => upstreams.push(u),
+                None => ok = false,
+            }
+        }
+        let mut plugins = Vec::new();
+        for (label, span, v) in plugin_raw {
+            match self.table::<PluginConfig>(&label, span, v) {
+                Some(p) => plugins.push(p),
+                None => ok = false,
+            }
+        }
+        let config = Config {
+            admin: admin.unwrap_or_default(),
+            listeners,
+            upstreams,
+            plugins,
+        };
+        // Cross-references are still checked when some table failed to parse, so
+        // that the user sees as much as possible in one run.
+        let spanned = Spanned { spans };
+        if !ok {
+            self.validate(&(config, spanned));
+            return None;
+        }
+        Some((config, spanned))
+    }
+
+    fn at(&self, doc: &Spanned, label: &str, key: Option<&str>) -> Option<usize> {
+        let key = key.and_then(|k| k.rsplit('.').next());
+        doc.spans.get(label).map(|s| self.line_of_key(s, key))
+    }
+
+    fn validate(&mut self, (config, doc): &(Config, Spanned)) {
+        let mut problems = Vec::new();
+        let mut report = |label: &str, key: Option<&str>, message: String| {
+            let path = match key {
+                Some(k) => format!("{label}.{k}"),
+                None => label.to_string(),
+            };
+            problems.push((label.to_string(), key.map(str::to_string), path, message));
+        };
+
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::new();
+        let upstream_names: HashSet<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
+        let plugin_names: HashSet<&str> = config.plugins.iter().map(|p| p.name.as_str()).collect();
+        for l in &config.listeners {
+            let label = format!("listener {:?}", l.name);
+            if !names.insert(l.name.as_str()) {
+                report(&label, Some("name"), "duplicate listener name".into());
+            }
+            match l.listen_addr() {
+                Some(a) => {
+                    if !addrs.insert(a) {
+                        report(&label, Some("listen"), format!("{a} is used by another listener"));
+                    }
+                }
+                None => report(
+                    &label,
+                    Some("listen"),
+                    format!("{:?} is not a host:port address", l.listen),
+                ),
+            }
+            if !upstream_names.contains(l.upstream.as_str()) {
+                report(
+                    &label,
+                    Some("upstream"),
+                    format!("no [[upstream]] is named {:?}", l.upstream),
+                );
+            }
+            if l.protocol == Protocol::Http {
+                report(
+                    &label,
+                    Some("protocol"),
+                    "\"http\" listeners are not available in this version; use \"tcp\" or \"postgres\""
+                        .into(),
+                );
+            }
+            if l.max_connections == 0 {
+                report(&label, Some("max_connections"), "must be at least 1".into());
+            }
+            for p in &l.plugins {
+                if !plugin_names.contains(p.as_str()) {
+                    report(&label, Some("plugins"), format!("no [[plugin]] is named {p:?}"));
+                }
+            }
+        }
+        let mut names = HashSet::new();
+        for u in &config.upstreams {
+            let label = format!("upstream {:?}", u.name);
+            if !names.insert(u.name.as_str()) {
+                report(&label, Some("name"), "duplicate upstream name".into());
+            }
+            if u.endpoint.is_empty() {
+                report(&label, None, "needs at least one [[upstream.endpoint]]".into());
+            }
+            if u.retry.attempts == 0 {
+                report(
+                    &label,
+                    Some("retry.attempts"),
+                    "must be at least 1".into(),
+                );
+            }
+            if u.connect_timeout.is_zero() {
+                report(&label, Some("connect_timeout"), "must be more than 0s".into());
+            }
+            if u.health.interval.is_zero() || u.health.timeout.is_zero() {
+                report(
+                    &label,
+                    Some("health"),
+                    "health.interval and health.timeout must be more than 0s".into(),
+                );
+            }
+            if u.health.unhealthy_after == 0 || u.health.healthy_after == 0 {
+                report(
+                    &label,
+                    Some("health"),
+                    "health.unhealthy_after and healthy_after must be at least 1".into(),
+                );
+            }
+            if u.health.check == HealthCheck::Http {
+                report(
+                    &label,
+                    Some("health.check"),
+                    "health check \"http\" is not available in this version; use \"tcp\" or \"postgres\""
+                        .into(),
+                );
+            }
+            if u.eject.after == 0 {
+                report(&label, Some("eject.after"), "must be at least 1".into());
+            }
+            if let Some(tls) = &u.tls {
+                if tls.ca.is_none() && tls.roots.is_none() && !tls.insecure_skip_verify {
+                    report(
+                        &label,
+                        Some("tls"),
+                        "tls needs `ca = \"file.pem\"` or `roots = \"webpki\"` / `\"system\"` (or insecure_skip_verify = true, written out)".into(),
+                    );
+                }
+                if tls.client_cert.is_some() != tls.client_key.is_some() {
+                    report(
+                        &label,
+                        Some("tls"),
+                        "tls.client_cert and tls.client_key go together".into(),
+                    );
+                }
+                if let Some(sn) = &tls.server_name
+                    && rustls_pki_types::ServerName::try_from(sn.as_str()).is_err()
+                {
+                    report(
+                        &label,
+                        Some("tls.server_name"),
+                        format!("{sn:?} is not a valid DNS name or IP address"),
+                    );
+                }
+            }
+            for (i, e) in u.endpoint.iter().enumerate() {
+                if split_host_port(&e.address).is_none() {
+                    report(
+                        &label,
+                        Some("endpoint.address"),
+                        format!("endpoint[{i}] address {:?} is not host:port", e.address),
+                    );
+                }
+                if e.weight == 0 {
+                    report(
+                        &label,
+                        Some("endpoint.weight"),
+                        format!("endpoint[{i}] weight must be at least 1"),
+                    );
+                }
+            }
+        }
+        let mut names = HashSet::new();
+        for p in &config.plugins {
+            let label = format!("plugin {:?}", p.name);
+            if !names.insert(p.name.as_str()) {
+                report(&label, Some("name"), "duplicate plugin name".into());
+            }
+            if let Some(d) = &p.sha256
+                && (d.len() != 64 || !d.chars().all(|c| c.is_ascii_hexdigit()))
+            {
+                report(&label, Some("sha256"), "must be 64 hex digits".into());
+            }
+            if p.timeout.is_zero() {
+                report(&label, Some("timeout"), "must be more than 0s".into());
+            }
+        }
+        for (label, key, path, message) in problems {
+            let line = self.at(doc, &label, key.as_deref());
+            self.problem(path, line, message);
+        }
+    }
+}
+
+fn unknown_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split('`').next()
+}
+
+fn entry_label(kind: &str, index: usize, value: &toml::Spanned<toml::Value>) -> String {
+    match value.get_ref().get("name").and_then(|n| n.as_str()) {
+        Some(name) => format!("{kind} {name:?}"),
+        None => format!("{kind}[{index}]"),
+    }
+}
+
+/// Splits `host:port` (or `[v6]:port`) into its parts.
+pub fn split_host_port(address: &str) -> Option<(&str, u16)> {
+    let (host, port) = address.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return None;
+    }
+    Some((host, port))
+}
+
+/// Parses sizes such as `16MiB`, `512KiB`, `1GiB` or a plain number of bytes.
+///
+/// Written by hand: five units do not justify a dependency.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like \"16MiB\""))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {text:?} (use B, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Int(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Int(n) => Ok(n),
+        Size::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+mod duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!("{s:?} is not a duration like \"250ms\" or \"5s\": {e}"))
+        })
+    }
+}
+
+mod opt_duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map(Some).map_err(|e| {
+            serde::de::Error::custom(format!("{s:?} is not a duration like \"250ms\" or \"5s\": {e}"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DESIGN_EXAMPLE: &str = include_str!("../../examples/design-example.toml");
+
+    #[test]
+    fn design_example_loads_with_its_meaning() {
+        let c = Config::parse(DESIGN_EXAMPLE, "example").expect("the design example must load");
+        assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().expect("addr"));
+        assert_eq!(c.admin.drain_timeout, Duration::from_secs(20));
+        let l = &c.listeners[0];
+        assert_eq!(l.protocol, Protocol::Postgres);
+        assert_eq!(l.plugins, vec!["allow-app", "access-log"]);
+        assert_eq!(l.max_connections, 10_000);
+        let u = &c.upstreams[0];
+        assert_eq!(u.connect_timeout, Duration::from_secs(2));
+        assert_eq!(u.retry.attempts, 3);
+        assert_eq!(u.health.check, HealthCheck::Postgres);
+        assert_eq!(u.health.interval, Duration::from_secs(2));
+        assert_eq!(u.health.timeout, Duration::from_secs(1));
+        let tls = u.tls.as_ref().expect("tls");
+        assert_eq!(tls.server_name.as_deref(), Some("orders.db.internal"));
+        assert!(!tls.insecure_skip_verify);
+        assert_eq!(u.endpoint[0].priority, 0);
+        assert_eq!(u.endpoint[1].priority, 1);
+        assert_eq!(u.endpoint[1].weight, 1);
+        assert_eq!(c.plugins[0].timeout, Duration::from_millis(5));
+        assert_eq!(c.plugins[0].memory, 16 << 20);
+        assert_eq!(c.plugins[1].on_error, OnError::Allow);
+        assert_eq!(c.plugins[1].timeout, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let text = r#"
+[[listener]]
+name = "a"
+listen = "127.0.0.1:5432"
+upstream = "nope"
+lisen = "x"
+
+[[listener]]
+name = "b"
+listen = "127.0.0.1:5433"
+upstream = "u"
+idle_timeout = "forever"
+
+[[upstream]]
+name = "u"
+retry = { attempts = 0 }
+tls = { server_name = "x" }
+  [[upstream.endpoint]]
+  address = "no-port"
+"#;
+        let e = Config::parse(text, "t.toml").expect_err("must be refused");
+        let shown = e.to_string();
+        assert!(
+            shown.contains("line 6: listener \"a\".lisen: unknown field `lisen`"),
+            "{shown}"
+        );
+        assert!(shown.contains("line 12: listener \"b\".idle_timeout:"), "{shown}");
+        assert!(shown.contains("line 16: upstream \"u\".retry.attempts: must be at least 1"), "{shown}");
+        assert!(
+            shown.contains("line 17: upstream \"u\".tls: tls needs `ca"),
+            "{shown}"
+        );
+        assert!(shown.contains("line 19: upstream \"u\".endpoint.address"), "{shown}");
+        assert_eq!(e.problems.len(), 5, "{shown}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let e = Config::parse("[admin]\nlisten = \n", "t").expect_err("bad");
+        assert_eq!(e.problems[0].line, Some(2), "{e}");
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("16 parsecs").is_err());
+    }
+}

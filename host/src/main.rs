@@ -1,0 +1,179 @@
+//! The `wasmbassador` command: parse the CLI, set up logging, load the config and
+//! wait for signals. Everything else lives in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{SignalKind, signal};
+use wasmbassador::{Ambassador, Config, demo, reload};
+
+#[derive(Parser)]
+#[command(
+    name = "wasmbassador",
+    version,
+    about = "An embeddable, WASM-extensible ambassador sidecar"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run with a config file; reloads it on change or SIGHUP, drains on SIGTERM.
+    Run {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a config file and report every problem; exits 1 if there is any.
+    Validate {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Everything in one process: a local TLS upstream and a listener in front of it.
+    Demo {
+        /// Where the demo listener accepts plain text.
+        #[arg(long, default_value = "127.0.0.1:15432")]
+        listen: SocketAddr,
+        /// Where the admin server listens.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+    },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run { config } => run(config).await,
+            Command::Validate { config } => validate(&config),
+            Command::Demo { listen, admin } => run_demo(listen, admin).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn validate(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    for u in &config.upstreams {
+        if let Some(tls) = &u.tls {
+            wasmbassador::tls::TlsClient::new(tls).with_context(|| format!("upstream {:?}", u.name))?;
+        }
+    }
+    println!(
+        "{}: ok ({} listener(s), {} upstream(s), {} plugin(s))",
+        path.display(),
+        config.listeners.len(),
+        config.upstreams.len(),
+        config.plugins.len()
+    );
+    Ok(())
+}
+
+async fn run(path: PathBuf) -> anyhow::Result<()> {
+    let mut last_text =
+        std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let config = Config::parse(&last_text, &path.display().to_string())?;
+    if !config.plugins.is_empty() {
+        tracing::warn!(
+            "[[plugin]] entries are checked but not loaded yet: the plugin runtime is not in this build"
+        );
+    }
+    let ambassador = Ambassador::start(config).await?;
+    let (_watcher, mut changes) = reload::watch(&path).context("cannot watch the config folder")?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT"); break; }
+            _ = hup.recv() => { reload::reload_file(&ambassador, &path, &mut last_text, true).await; }
+            Some(()) = changes.recv() => { reload::reload_file(&ambassador, &path, &mut last_text, false).await; }
+        }
+    }
+    ambassador.shutdown().await;
+    Ok(())
+}
+
+async fn run_demo(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("wasmbassador-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (chain, key) = demo::make_pki(&dir).context("making demo certificates")?;
+    let upstream = demo::start_upstream(chain, key).await?;
+    // Fixed ports make the printed commands stable; fall back to free ones if taken.
+    let listen = free_or_any(listen).await;
+    let admin = free_or_any(admin).await;
+    let config = demo::config(listen, admin, upstream.addr, &dir.join("ca.pem"))?;
+    let ambassador = Ambassador::start(config).await?;
+    let listen = ambassador.listener_addr("demo").unwrap_or(listen);
+    let admin = ambassador.admin_addr();
+    println!(
+        "\nwasmbassador demo is running.\n\
+         \n  upstream  https://{up} (TLS only; certificate for {name}, CA made just now)\
+         \n  listener  {listen} (plain text) -> upstream \"demo-https\" over verified TLS\
+         \n  admin     http://{admin}\n\
+         \nTry, in another terminal:\
+         \n  curl http://{listen}/                       # the upstream answers, over TLS\
+         \n  curl http://{admin}/upstreams               # endpoint health\
+         \n  curl -s http://{admin}/metrics | grep listener_bytes\n\
+         \nCtrl-C stops the demo.\n",
+        up = upstream.addr,
+        name = demo::DEMO_SERVER_NAME,
+    );
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    ambassador.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+async fn free_or_any(addr: SocketAddr) -> SocketAddr {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(_) => addr,
+        Err(_) => SocketAddr::new(addr.ip(), 0),
+    }
+}

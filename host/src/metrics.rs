@@ -1,0 +1,174 @@
+//! Prometheus metrics of the host itself, all prefixed `wasmbassador_`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of per-listener series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// Listener name.
+    pub listener: String,
+}
+
+/// Labels of refused connections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    /// Listener name.
+    pub listener: String,
+    /// `max_connections`, `bad_preamble`, `no_upstream`, `draining`.
+    pub reason: String,
+}
+
+/// Labels of byte counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    /// Listener name.
+    pub listener: String,
+    /// `to_upstream` or `to_client`.
+    pub direction: &'static str,
+}
+
+/// Labels of per-endpoint series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// Upstream name.
+    pub upstream: String,
+    /// Endpoint address as configured.
+    pub endpoint: String,
+}
+
+/// Labels of outcome counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `success` or `failure` (or a more specific word).
+    pub result: &'static str,
+}
+
+/// Every metric the host exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Open client connections per listener.
+    pub connections_active: Family<ListenerLabels, Gauge>,
+    /// Accepted client connections per listener.
+    pub connections: Family<ListenerLabels, Counter>,
+    /// Client connections closed without being served, by reason.
+    pub connections_rejected: Family<RejectLabels, Counter>,
+    /// Bytes forwarded per listener and direction.
+    pub bytes: Family<BytesLabels, Counter>,
+    /// Connect attempts per endpoint.
+    pub connect_attempts: Family<EndpointLabels, Counter>,
+    /// Failed connect attempts (TCP, TLS or protocol) per endpoint.
+    pub connect_failures: Family<EndpointLabels, Counter>,
+    /// Time to a usable upstream connection (TCP + TLS), per endpoint.
+    pub connect_duration: Family<EndpointLabels, Histogram>,
+    /// 1 when the active health check calls the endpoint healthy.
+    pub endpoint_healthy: Family<EndpointLabels, Gauge>,
+    /// 1 while the endpoint is passively ejected.
+    pub endpoint_ejected: Family<EndpointLabels, Gauge>,
+    /// Passive ejections per endpoint.
+    pub ejections: Family<EndpointLabels, Counter>,
+    /// Configuration reloads by result.
+    pub config_reloads: Family<ResultLabels, Counter>,
+    /// PostgreSQL CancelRequests by result (`forwarded`, `unknown_session`, `failed`).
+    pub cancel_requests: Family<ResultLabels, Counter>,
+}
+
+fn connect_histogram() -> Histogram {
+    // 100 µs .. ~3.3 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("wasmbassador");
+        let m = Metrics {
+            connections_active: Family::default(),
+            connections: Family::default(),
+            connections_rejected: Family::default(),
+            bytes: Family::default(),
+            connect_attempts: Family::default(),
+            connect_failures: Family::default(),
+            connect_duration: Family::new_with_constructor(connect_histogram),
+            endpoint_healthy: Family::default(),
+            endpoint_ejected: Family::default(),
+            ejections: Family::default(),
+            config_reloads: Family::default(),
+            cancel_requests: Family::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "listener_connections_active",
+            "Open client connections",
+            m.connections_active.clone(),
+        );
+        r.register(
+            "listener_connections",
+            "Accepted client connections",
+            m.connections.clone(),
+        );
+        r.register(
+            "listener_connections_rejected",
+            "Client connections closed without being served",
+            m.connections_rejected.clone(),
+        );
+        r.register("listener_bytes", "Bytes forwarded", m.bytes.clone());
+        r.register(
+            "upstream_connect_attempts",
+            "Upstream connect attempts",
+            m.connect_attempts.clone(),
+        );
+        r.register(
+            "upstream_connect_failures",
+            "Failed upstream connect attempts",
+            m.connect_failures.clone(),
+        );
+        r.register(
+            "upstream_connect_duration_seconds",
+            "Time to a usable upstream connection, TLS included",
+            m.connect_duration.clone(),
+        );
+        r.register(
+            "endpoint_healthy",
+            "1 when active health checks call the endpoint healthy",
+            m.endpoint_healthy.clone(),
+        );
+        r.register(
+            "endpoint_ejected",
+            "1 while the endpoint is passively ejected",
+            m.endpoint_ejected.clone(),
+        );
+        r.register("endpoint_ejections", "Passive ejections", m.ejections.clone());
+        r.register(
+            "config_reloads",
+            "Configuration reloads",
+            m.config_reloads.clone(),
+        );
+        r.register(
+            "postgres_cancel_requests",
+            "PostgreSQL CancelRequests",
+            m.cancel_requests.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
