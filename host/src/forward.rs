@@ -62,10 +62,28 @@ where
 {
     let started = Instant::now();
     let last = AtomicU64::new(0);
+    let sent_up = AtomicU64::new(0);
+    let sent_down = AtomicU64::new(0);
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = tokio::io::split(upstream);
-    let up = pump(&mut cr, &mut uw, &counters.to_upstream, &last, started, None);
-    let down = pump(&mut ur, &mut cw, &counters.to_client, &last, started, watcher);
+    let up = pump(
+        &mut cr,
+        &mut uw,
+        &counters.to_upstream,
+        &sent_up,
+        &last,
+        started,
+        None,
+    );
+    let down = pump(
+        &mut ur,
+        &mut cw,
+        &counters.to_client,
+        &sent_down,
+        &last,
+        started,
+        watcher,
+    );
     let both = async { tokio::try_join!(up, down) };
     let idle = async {
         match idle_timeout {
@@ -81,30 +99,32 @@ where
             },
         }
     };
-    tokio::select! {
-        r = both => {
-            let (to_upstream, to_client) = r?;
-            Ok(Totals { to_upstream, to_client, ending: Ending::Closed })
-        }
-        _ = idle => Ok(Totals { to_upstream: 0, to_client: 0, ending: Ending::Idle }),
-        _ = stop.cancelled() => Ok(Totals { to_upstream: 0, to_client: 0, ending: Ending::Stopped }),
-    }
+    let ending = tokio::select! {
+        r = both => { r?; Ending::Closed }
+        _ = idle => Ending::Idle,
+        _ = stop.cancelled() => Ending::Stopped,
+    };
+    Ok(Totals {
+        to_upstream: sent_up.load(Ordering::Relaxed),
+        to_client: sent_down.load(Ordering::Relaxed),
+        ending,
+    })
 }
 
 async fn pump<R, W>(
     r: &mut R,
     w: &mut W,
     counter: &Counter,
+    total: &AtomicU64,
     last: &AtomicU64,
     started: Instant,
     mut watcher: Option<KeyWatcher>,
-) -> io::Result<u64>
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; BUF];
-    let mut total = 0u64;
     // The watcher holds the session's cancel registration; it must live as long as
     // the session, so it is kept here until this direction ends.
     loop {
@@ -112,14 +132,14 @@ where
         if n == 0 {
             w.shutdown().await?;
             drop(watcher);
-            return Ok(total);
+            return Ok(());
         }
         if let Some(w) = watcher.as_mut() {
             w.feed(&buf[..n]);
         }
         w.write_all(&buf[..n]).await?;
         w.flush().await?;
-        total += n as u64;
+        total.fetch_add(n as u64, Ordering::Relaxed);
         counter.inc_by(n as u64);
         last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }

@@ -63,7 +63,9 @@ struct Built {
 pub struct TlsClient {
     config: TlsConfig,
     built: ArcSwap<Built>,
-    last_check: Mutex<Instant>,
+    /// When the files were last looked at, and their stamps then (a broken rotation
+    /// is reported once, not at every connect).
+    seen: Mutex<(Instant, Vec<Stamp>)>,
 }
 
 impl std::fmt::Debug for TlsClient {
@@ -78,10 +80,11 @@ impl TlsClient {
     /// Reads the files and builds the rustls configs; errors name the file.
     pub fn new(config: &TlsConfig) -> Result<Self, TlsError> {
         let built = build(config)?;
+        let stamps = built.stamps.clone();
         Ok(Self {
             config: config.clone(),
             built: ArcSwap::from_pointee(built),
-            last_check: Mutex::new(Instant::now()),
+            seen: Mutex::new((Instant::now(), stamps)),
         })
     }
 
@@ -104,17 +107,18 @@ impl TlsClient {
 
     fn refresh(&self) {
         {
-            let Ok(mut last) = self.last_check.lock() else {
+            let Ok(mut seen) = self.seen.lock() else {
                 return;
             };
-            if last.elapsed() < RECHECK {
+            if seen.0.elapsed() < RECHECK {
                 return;
             }
-            *last = Instant::now();
-        }
-        let now: Vec<Stamp> = Self::files(&self.config).map(|p| stamp(p)).collect();
-        if now == self.built.load().stamps {
-            return;
+            seen.0 = Instant::now();
+            let now: Vec<Stamp> = Self::files(&self.config).map(|p| stamp(p)).collect();
+            if now == seen.1 {
+                return;
+            }
+            seen.1 = now;
         }
         match build(&self.config) {
             Ok(b) => {
@@ -138,6 +142,33 @@ impl TlsClient {
     pub fn insecure(&self) -> bool {
         self.config.insecure_skip_verify
     }
+}
+
+/// Reads each certificate and key file named in `config` on its own and returns
+/// every one that cannot be used, as (`tls.ca` | `tls.client_cert` | `tls.client_key`,
+/// reason). Used by config validation so that one missing file does not hide the next.
+pub fn file_problems(config: &TlsConfig) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    let certs = |what: &'static str, path: &Path| -> Option<(&'static str, String)> {
+        let reason = match CertificateDer::pem_file_iter(path).map(|i| i.collect::<Result<Vec<_>, _>>()) {
+            Err(e) | Ok(Err(e)) => e.to_string(),
+            Ok(Ok(c)) if c.is_empty() => "no PEM certificate in the file".to_string(),
+            Ok(Ok(_)) => return None,
+        };
+        Some((what, format!("{}: {reason}", path.display())))
+    };
+    if let Some(ca) = &config.ca {
+        out.extend(certs("tls.ca", ca));
+    }
+    if let Some(cert) = &config.client_cert {
+        out.extend(certs("tls.client_cert", cert));
+    }
+    if let Some(key) = &config.client_key
+        && let Err(e) = PrivateKeyDer::from_pem_file(key)
+    {
+        out.push(("tls.client_key", format!("{}: {e}", key.display())));
+    }
+    out
 }
 
 fn provider() -> Arc<CryptoProvider> {

@@ -183,8 +183,8 @@ impl Upstream {
     }
 
     /// Connects for one client connection: picks endpoints, retries with backoff
-    /// within `retry.attempts`, and records passive health. `only` restricts the
-    /// choice to endpoints carrying a tag (for plugin routing).
+    /// within `retry.attempts`, and records passive health. Only failures before any
+    /// client byte is sent happen here, so every retry is safe.
     pub async fn connect(&self, handshake: Handshake) -> Result<Connected, ConnectError> {
         let mut tried = Vec::new();
         let attempts = self.config.retry.attempts.max(1);
