@@ -8,6 +8,7 @@
 //! | `/metrics` | Prometheus text |
 //! | `/upstreams` | JSON: endpoints, health, ejections |
 //! | `/listeners` | JSON: bound addresses and open connections |
+//! | `/plugins` | JSON: name, path, sha256, loaded_at, generation, calls, errors, timeouts, last_error |
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -87,10 +88,11 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             json(&list)
         }
         "/listeners" => json(&shared.listener_status()),
+        "/plugins" => json(&crate::plugin::status(&shared.plugins.load())),
         _ => reply(
             StatusCode::NOT_FOUND,
             TEXT,
-            "not found; try /healthz /startup /ready /metrics /upstreams /listeners\n",
+            "not found; try /healthz /startup /ready /metrics /upstreams /listeners /plugins\n",
         ),
     }
 }

@@ -34,6 +34,9 @@ pub enum Error {
         /// The socket error.
         source: std::io::Error,
     },
+    /// A plugin could not be loaded (the error names the file and the step).
+    #[error(transparent)]
+    Plugin(#[from] crate::plugin::LoadError),
     /// An upstream's TLS files cannot be used.
     #[error("upstream {upstream:?}: {source}")]
     Tls {
@@ -55,6 +58,9 @@ pub struct Shared {
     pub cancels: Arc<CancelRegistry>,
     /// The configuration in force.
     pub config: ArcSwap<Config>,
+    /// Loaded plugins by name; each slot swaps its own version on hot swap.
+    pub plugins: Arc<ArcSwap<crate::plugin::PluginMap>>,
+    plugin_watcher: Mutex<Option<crate::plugin::watch::PluginWatcher>>,
     /// Every connection task, so that drain can wait for them.
     pub tracker: TaskTracker,
     /// Cancelled when the drain timeout ends: remaining connections close.
@@ -135,6 +141,8 @@ impl Ambassador {
             upstreams: ArcSwap::from_pointee(HashMap::new()),
             cancels: Arc::new(CancelRegistry::default()),
             config: ArcSwap::from_pointee(Config::default()),
+            plugins: Arc::new(ArcSwap::from_pointee(Default::default())),
+            plugin_watcher: Mutex::new(None),
             tracker: TaskTracker::new(),
             hard_stop: CancellationToken::new(),
             started: AtomicBool::new(false),
@@ -227,6 +235,7 @@ impl Ambassador {
             };
             upstreams.insert(uc.name.clone(), up);
         }
+        let plugins = self.load_plugins(&config).await?;
         let mut bound = Vec::new();
         {
             let live = shared.listeners.lock().map(|l| {
@@ -255,6 +264,7 @@ impl Ambassador {
 
         // Phase 2: commit. Nothing below can fail.
         shared.upstreams.store(Arc::new(upstreams));
+        self.swap_plugins(plugins);
         for up in &fresh {
             crate::health::spawn(up);
         }
@@ -333,6 +343,55 @@ impl Ambassador {
         Ok(summary)
     }
 
+    /// Loads every plugin whose entry is new or changed (compiling off the async
+    /// workers); unchanged entries keep their slot and the version serving.
+    async fn load_plugins(&self, config: &Config) -> Result<crate::plugin::PluginMap, Error> {
+        let old = self.shared.plugins.load_full();
+        let mut map = crate::plugin::PluginMap::new();
+        for pc in &config.plugins {
+            let previous = old.get(&pc.name).cloned();
+            if let Some(slot) = &previous
+                && slot.current.load().config == *pc
+            {
+                map.insert(pc.name.clone(), slot.clone());
+                continue;
+            }
+            let shared = self.plugin_shared();
+            let pc2 = pc.clone();
+            let slot = tokio::task::spawn_blocking(move || {
+                crate::plugin::load_slot(&pc2, &shared, previous.as_deref())
+            })
+            .await
+            .map_err(|e| crate::plugin::LoadError::Engine(format!("plugin loader stopped: {e}")))??;
+            map.insert(pc.name.clone(), slot);
+        }
+        Ok(map)
+    }
+
+    fn plugin_shared(&self) -> crate::plugin::PluginShared {
+        crate::plugin::PluginShared {
+            metrics: self.shared.metrics.clone(),
+            plugin_metrics: self.shared.metrics.plugin_metrics.clone(),
+        }
+    }
+
+    fn swap_plugins(&self, plugins: crate::plugin::PluginMap) {
+        let empty = plugins.is_empty();
+        self.shared.plugins.store(Arc::new(plugins));
+        let Ok(mut w) = self.shared.plugin_watcher.lock() else {
+            return;
+        };
+        // The folder set may have changed: start a fresh watch (the old one stops when
+        // dropped).
+        *w = None;
+        if !empty {
+            match crate::plugin::watch::watch(self.shared.plugins.clone(), self.plugin_shared()) {
+                Ok(watcher) => *w = Some(watcher),
+                Err(e) => tracing::error!(error = %e, "cannot watch the plugin folders; hot swap is off"),
+            }
+        }
+    }
+
     /// Marks the ambassador not ready (`/ready` answers 503) without stopping anything.
     pub fn begin_drain(&self) {
         self.shared.draining.store(true, Ordering::Relaxed);
@@ -369,6 +428,9 @@ impl Ambassador {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), tracker.wait()).await;
         }
         self.admin_stop.cancel();
+        if let Ok(mut w) = self.shared.plugin_watcher.lock() {
+            *w = None;
+        }
         tracing::info!("stopped");
     }
 }

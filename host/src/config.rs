@@ -412,7 +412,8 @@ struct RawDocument {
 }
 
 impl Config {
-    /// Reads and validates a configuration file.
+    /// Reads and validates a configuration file, including the TLS files it names
+    /// (see [`Config::parse_and_check_files`]).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let name = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -423,14 +424,27 @@ impl Config {
                 message: format!("cannot read: {e}"),
             }],
         })?;
-        Self::parse(&text, &name)
+        Self::parse_and_check_files(&text, &name)
     }
 
-    /// Parses and validates TOML text; `source_name` only labels errors.
+    /// Parses and validates TOML text; `source_name` only labels errors. Touches no
+    /// files: see [`Config::parse_and_check_files`].
     pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
+        Self::parse_inner(text, source_name, false)
+    }
+
+    /// Like [`Config::parse`], and also reads every TLS certificate and key file the
+    /// text names, reporting each unusable one with its path and line among the other
+    /// problems. `validate`, `run` and reloads of a config file use this.
+    pub fn parse_and_check_files(text: &str, source_name: &str) -> Result<Config, ConfigError> {
+        Self::parse_inner(text, source_name, true)
+    }
+
+    fn parse_inner(text: &str, source_name: &str, check_files: bool) -> Result<Config, ConfigError> {
         let mut checker = Checker {
             text,
             problems: Vec::new(),
+            check_files,
         };
         let config = checker.parse();
         if let Some(config) = &config {
@@ -463,6 +477,8 @@ struct Spanned {
 struct Checker<'a> {
     text: &'a str,
     problems: Vec<Problem>,
+    /// Whether TLS files are read and checked too.
+    check_files: bool,
 }
 
 impl Checker<'_> {
@@ -503,7 +519,12 @@ impl Checker<'_> {
     }
 
     /// Deserializes one table, recording the first problem inside it with its path.
-    fn table<T: DeserializeOwned>(&mut self, label: &str, span: Range<usize>, value: toml::Value) -> Option<T> {
+    fn table<T: DeserializeOwned>(
+        &mut self,
+        label: &str,
+        span: Range<usize>,
+        value: toml::Value,
+    ) -> Option<T> {
         match serde_path_to_error::deserialize::<_, T>(value) {
             Ok(t) => Some(t),
             Err(e) => {
@@ -536,15 +557,9 @@ impl Checker<'_> {
         };
         let mut spans = BTreeMap::new();
         let mut ok = true;
-        let admin = match raw.admin {
-            Some(v) => {
-                spans.insert("admin".to_string(), v.span());
-                let span = v.span();
-                self.table::<AdminConfig>("admin", span, v.into_inner())
-            }
-            None => Some(AdminConfig::default()),
-        };
-        ok &= admin.is_some();
+        if let Some(v) = &raw.admin {
+            spans.insert("admin".to_string(), v.span());
+        }
         let mut tables = |kind: &str, items: Vec<toml::Spanned<toml::Value>>| {
             let mut out = Vec::new();
             for (i, v) in items.into_iter().enumerate() {
@@ -565,15 +580,26 @@ impl Checker<'_> {
         for span in spans.values_mut() {
             span.end = starts.iter().copied().find(|s| *s > span.start).unwrap_or(end);
         }
-        let widen = |items: Vec<(String, toml::Spanned<toml::Value>)>| -> Vec<(String, Range<usize>, toml::Value)> {
-            items
-                .into_iter()
-                .map(|(label, v)| {
-                    let span = spans.get(&label).cloned().unwrap_or_else(|| v.span());
-                    (label, span, v.into_inner())
-                })
-                .collect()
+        let widen =
+            |items: Vec<(String, toml::Spanned<toml::Value>)>| -> Vec<(String, Range<usize>, toml::Value)> {
+                items
+                    .into_iter()
+                    .map(|(label, v)| {
+                        let span = spans.get(&label).cloned().unwrap_or_else(|| v.span());
+                        (label, span, v.into_inner())
+                    })
+                    .collect()
+            };
+        // [admin] is read only now, with its widened span, so that its problems
+        // carry the line of the key rather than the line of the header.
+        let admin = match raw.admin {
+            Some(v) => {
+                let span = spans.get("admin").cloned().unwrap_or_else(|| v.span());
+                self.table::<AdminConfig>("admin", span, v.into_inner())
+            }
+            None => Some(AdminConfig::default()),
         };
+        ok &= admin.is_some();
         let listener_raw = widen(listener_raw);
         let upstream_raw = widen(upstream_raw);
         let plugin_raw = widen(plugin_raw);
@@ -620,6 +646,7 @@ impl Checker<'_> {
     }
 
     fn validate(&mut self, (config, doc): &(Config, Spanned)) {
+        let check_files = self.check_files;
         let mut problems = Vec::new();
         let mut report = |label: &str, key: Option<&str>, message: String| {
             let path = match key {
@@ -640,7 +667,8 @@ impl Checker<'_> {
             }
             match l.listen_addr() {
                 Some(a) => {
-                    if !addrs.insert(a) {
+                    // Port 0 picks a free port per listener, so it may repeat.
+                    if a.port() != 0 && !addrs.insert(a) {
                         report(&label, Some("listen"), format!("{a} is used by another listener"));
                     }
                 }
@@ -684,11 +712,7 @@ impl Checker<'_> {
                 report(&label, None, "needs at least one [[upstream.endpoint]]".into());
             }
             if u.retry.attempts == 0 {
-                report(
-                    &label,
-                    Some("retry.attempts"),
-                    "must be at least 1".into(),
-                );
+                report(&label, Some("retry.attempts"), "must be at least 1".into());
             }
             if u.connect_timeout.is_zero() {
                 report(&label, Some("connect_timeout"), "must be more than 0s".into());
@@ -732,6 +756,11 @@ impl Checker<'_> {
                         Some("tls"),
                         "tls.client_cert and tls.client_key go together".into(),
                     );
+                }
+                if check_files {
+                    for (key, message) in crate::tls::file_problems(tls) {
+                        report(&label, Some(key), message);
+                    }
                 }
                 if let Some(sn) = &tls.server_name
                     && rustls_pki_types::ServerName::try_from(sn.as_str()).is_err()
@@ -935,12 +964,18 @@ tls = { server_name = "x" }
             "{shown}"
         );
         assert!(shown.contains("line 12: listener \"b\".idle_timeout:"), "{shown}");
-        assert!(shown.contains("line 16: upstream \"u\".retry.attempts: must be at least 1"), "{shown}");
+        assert!(
+            shown.contains("line 16: upstream \"u\".retry.attempts: must be at least 1"),
+            "{shown}"
+        );
         assert!(
             shown.contains("line 17: upstream \"u\".tls: tls needs `ca"),
             "{shown}"
         );
-        assert!(shown.contains("line 19: upstream \"u\".endpoint.address"), "{shown}");
+        assert!(
+            shown.contains("line 19: upstream \"u\".endpoint.address"),
+            "{shown}"
+        );
         assert_eq!(e.problems.len(), 5, "{shown}");
     }
 

@@ -118,6 +118,12 @@ pub enum DialError {
         /// What was wrong.
         reason: String,
     },
+    /// A plugin routed to an endpoint tag that no endpoint of the upstream carries.
+    #[error("no endpoint carries the tag {0:?}")]
+    NoTaggedEndpoint(String),
+    /// The upstream has no endpoints.
+    #[error("the upstream has no endpoints")]
+    NoEndpoint,
     /// The TLS settings cannot produce a server name for this endpoint.
     #[error(transparent)]
     Settings(#[from] crate::tls::TlsError),

@@ -93,13 +93,39 @@ pub async fn start_upstream(
     Ok(DemoUpstream { addr })
 }
 
-/// The demo's configuration: a `tcp` listener on `listen` in front of the upstream.
+/// The ready-made plugins the demo loads when they are built.
+pub const PLUGINS: [&str; 2] = ["allow_list.wasm", "access_log.wasm"];
+
+/// The demo's configuration: a `tcp` listener on `listen` in front of the upstream,
+/// with the allow-list and access-log plugins when `plugins` (their folder) is given.
 pub fn config(
     listen: SocketAddr,
     admin: SocketAddr,
     upstream: SocketAddr,
     ca: &Path,
+    plugins: Option<&Path>,
 ) -> Result<Config, crate::config::ConfigError> {
+    let (chain, plugin_entries) = match plugins {
+        None => (String::new(), String::new()),
+        Some(dir) => (
+            r#"plugins = ["allow-local", "access-log"]"#.to_string(),
+            format!(
+                r#"
+[[plugin]]
+name = "allow-local"
+path = "{allow}"
+config = {{ clients = ["127.0.0.0/8", "::1/128"] }}
+
+[[plugin]]
+name = "access-log"
+path = "{log}"
+on_error = "allow"
+"#,
+                allow = dir.join(PLUGINS[0]).display(),
+                log = dir.join(PLUGINS[1]).display()
+            ),
+        ),
+    };
     let text = format!(
         r#"
 [admin]
@@ -112,6 +138,7 @@ listen = "{listen}"
 protocol = "tcp"
 upstream = "demo-https"
 idle_timeout = "60s"
+{chain}
 
 [[upstream]]
 name = "demo-https"
@@ -120,7 +147,7 @@ health = {{ check = "tcp", interval = "2s" }}
 tls = {{ ca = "{ca}", server_name = "{DEMO_SERVER_NAME}" }}
   [[upstream.endpoint]]
   address = "{upstream}"
-"#,
+{plugin_entries}"#,
         ca = ca.display()
     );
     Config::parse(&text, "demo")

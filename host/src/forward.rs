@@ -26,7 +26,7 @@ pub enum Ending {
 }
 
 /// What passed through one connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct Totals {
     /// Bytes from the client to the upstream.
     pub to_upstream: u64,
@@ -34,6 +34,8 @@ pub struct Totals {
     pub to_client: u64,
     /// Why it ended.
     pub ending: Ending,
+    /// The socket error that ended it, if one did.
+    pub error: Option<io::Error>,
 }
 
 /// Counters a connection adds its bytes to.
@@ -55,7 +57,7 @@ pub async fn forward<C, U>(
     counters: ByteCounters,
     watcher: Option<KeyWatcher>,
     stop: CancellationToken,
-) -> io::Result<Totals>
+) -> Totals
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -99,16 +101,17 @@ where
             },
         }
     };
-    let ending = tokio::select! {
-        r = both => { r?; Ending::Closed }
-        _ = idle => Ending::Idle,
-        _ = stop.cancelled() => Ending::Stopped,
+    let (ending, error) = tokio::select! {
+        r = both => (Ending::Closed, r.err()),
+        _ = idle => (Ending::Idle, None),
+        _ = stop.cancelled() => (Ending::Stopped, None),
     };
-    Ok(Totals {
+    Totals {
         to_upstream: sent_up.load(Ordering::Relaxed),
         to_client: sent_down.load(Ordering::Relaxed),
         ending,
-    })
+        error,
+    }
 }
 
 async fn pump<R, W>(

@@ -36,6 +36,7 @@ pub mod forward;
 pub mod health;
 pub mod listener;
 pub mod metrics;
+pub mod plugin;
 pub mod postgres;
 pub mod reload;
 pub mod tls;

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::io::AsyncWriteExt;
@@ -17,6 +17,10 @@ use crate::config::{ListenerConfig, Protocol};
 use crate::connect::Handshake;
 use crate::forward::{ByteCounters, Ending, forward};
 use crate::metrics::{BytesLabels, ListenerLabels, RejectLabels, ResultLabels};
+use crate::plugin::chain::{Chain, Decision};
+use crate::plugin::{
+    CloseInfo, ConnectInfo, Outcome, PostgresStartup, Protocol as PluginProtocol, RouteTarget,
+};
 use crate::postgres::{self, CancelTarget, KeyWatcher, Preamble, PreambleError};
 
 /// A slow or silent client gets this long to send its PostgreSQL startup packet.
@@ -110,7 +114,7 @@ fn reject(shared: &Shared, st: &ListenerState, reason: &str) {
 async fn serve(
     shared: Arc<Shared>,
     st: Arc<ListenerState>,
-    sock: TcpStream,
+    mut sock: TcpStream,
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
 ) {
@@ -119,11 +123,240 @@ async fn serve(
     let active = m.connections_active.get_or_create(&st.labels).clone();
     active.inc();
     let _ = sock.set_nodelay(true);
-    match st.config.protocol {
-        Protocol::Postgres => serve_postgres(&shared, &st, sock, peer).await,
-        _ => serve_tcp(&shared, &st, sock, peer).await,
+    let started = Instant::now();
+    let startup = match st.config.protocol {
+        Protocol::Postgres => read_startup(&shared, &st, &mut sock, peer).await.map(Some),
+        _ => Some(None),
+    };
+    if let Some(startup) = startup {
+        let mut chain = Chain::new(&shared.plugins.load(), &st.config.plugins);
+        let param = |name: &str| {
+            startup
+                .as_ref()
+                .and_then(|s| s.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+        };
+        let mut close = CloseInfo {
+            listener: st.config.name.clone(),
+            client_addr: peer.to_string(),
+            upstream: None,
+            endpoint: None,
+            bytes_to_upstream: 0,
+            bytes_to_client: 0,
+            duration_ns: 0,
+            outcome: Outcome::Error,
+            user: param("user"),
+            database: param("database"),
+        };
+        close.outcome = session(&shared, &st, sock, peer, startup, &mut chain, &mut close).await;
+        if !chain.is_empty() {
+            close.duration_ns = started.elapsed().as_nanos() as u64;
+            chain.on_close(&close);
+        }
     }
     active.dec();
+}
+
+/// A PostgreSQL startup message, read and not yet forwarded.
+struct Startup {
+    packet: Vec<u8>,
+    params: Vec<(String, String)>,
+}
+
+/// Reads the preamble of a `postgres` connection. `None` when the connection is
+/// finished already: a CancelRequest (handled here), or a refused preamble.
+async fn read_startup(
+    shared: &Shared,
+    st: &ListenerState,
+    sock: &mut TcpStream,
+    peer: SocketAddr,
+) -> Option<Startup> {
+    let preamble = match tokio::time::timeout(PREAMBLE_TIMEOUT, postgres::read_preamble(sock)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            reject(shared, st, "bad_preamble");
+            tracing::info!(listener = %st.config.name, %peer, error = %e, "closing client: bad startup");
+            if let PreambleError::Malformed(reason) = &e {
+                let _ = sock
+                    .write_all(&postgres::error_response(
+                        "08P01",
+                        &format!("wasmbassador: {reason}"),
+                    ))
+                    .await;
+            }
+            return None;
+        }
+        Err(_) => {
+            reject(shared, st, "preamble_timeout");
+            tracing::info!(listener = %st.config.name, %peer, "closing client: no startup packet within {PREAMBLE_TIMEOUT:?}");
+            return None;
+        }
+    };
+    match preamble {
+        // A CancelRequest skips the plugin chain: it goes to the session's server.
+        Preamble::Cancel { packet, pid, key } => {
+            cancel(shared, st, pid, &key, &packet).await;
+            None
+        }
+        Preamble::Startup { packet, params } => Some(Startup { packet, params }),
+    }
+}
+
+/// Refuses a client: an ErrorResponse on `postgres` listeners, a close on `tcp`.
+async fn refuse(sock: &mut TcpStream, startup: &Option<Startup>, sqlstate: &str, message: &str) {
+    if startup.is_some() {
+        let _ = sock.write_all(&postgres::error_response(sqlstate, message)).await;
+    }
+}
+
+/// Plugins, upstream choice, connect and forward for one client connection. Fills in
+/// `close` as it learns and returns how the connection ended.
+async fn session(
+    shared: &Shared,
+    st: &ListenerState,
+    mut sock: TcpStream,
+    peer: SocketAddr,
+    startup: Option<Startup>,
+    chain: &mut Chain,
+    close: &mut CloseInfo,
+) -> Outcome {
+    let mut upstream_name = st.config.upstream.clone();
+    let mut tag = None;
+    let mut routed_by = None;
+    if !chain.is_empty() {
+        let info = connect_info(st, peer, &startup);
+        match chain.on_connect(&info) {
+            Decision::Deny { plugin, reason } => {
+                shared.metrics.plugin_denials.get_or_create(&st.labels).inc();
+                tracing::info!(listener = %st.config.name, %peer, %plugin, %reason, "connection denied by plugin");
+                refuse(&mut sock, &startup, "28000", &reason).await;
+                return Outcome::Denied;
+            }
+            Decision::Allow {
+                route: Some((target, plugin)),
+            } => {
+                match target {
+                    RouteTarget::Upstream(u) => upstream_name = u,
+                    RouteTarget::Tag(t) => tag = Some(t),
+                }
+                routed_by = Some(plugin);
+            }
+            Decision::Allow { route: None } => {}
+        }
+    }
+    let Some(up) = shared.upstream(&upstream_name) else {
+        reject(shared, st, "no_upstream");
+        let by = routed_by.as_deref().unwrap_or("the listener");
+        tracing::warn!(listener = %st.config.name, %peer, upstream = %upstream_name, routed_by = by, "closing client: no such upstream");
+        let msg = format!("wasmbassador: no upstream named {upstream_name:?} (chosen by {by})");
+        refuse(&mut sock, &startup, "08006", &msg).await;
+        return Outcome::Error;
+    };
+    close.upstream = Some(upstream_name);
+    let handshake = if startup.is_some() {
+        Handshake::Postgres
+    } else {
+        Handshake::Raw
+    };
+    let mut connected = match up.connect(handshake, tag.as_deref()).await {
+        Ok(c) => c,
+        Err(e) => {
+            reject(shared, st, "upstream_unreachable");
+            tracing::warn!(listener = %st.config.name, %peer, error = %e, "closing client: no upstream connection");
+            let msg = format!(
+                "wasmbassador: cannot reach upstream {:?}: {}",
+                up.config.name, e.last
+            );
+            refuse(&mut sock, &startup, "08006", &msg).await;
+            return Outcome::UpstreamUnreachable;
+        }
+    };
+    let endpoint = connected.endpoint.config.address.clone();
+    close.endpoint = Some(endpoint.clone());
+    let byte_counters = counters(shared, st);
+    let watcher = match &startup {
+        None => None,
+        Some(s) => {
+            if let Err(e) = connected.io.write_all(&s.packet).await {
+                tracing::warn!(listener = %st.config.name, %peer, error = %e, "upstream closed before the startup message");
+                return Outcome::Error;
+            }
+            // The startup message is the client's, re-sent: it counts as forwarded.
+            let sent = s.packet.len() as u64;
+            byte_counters.to_upstream.inc_by(sent);
+            close.bytes_to_upstream = sent;
+            Some(KeyWatcher::new(
+                shared.cancels.clone(),
+                CancelTarget {
+                    upstream: up.clone(),
+                    address: endpoint.clone(),
+                    peer: connected.peer,
+                },
+            ))
+        }
+    };
+    tracing::debug!(listener = %st.config.name, %peer, %endpoint, tls = connected.io.tls_version().unwrap_or("off"), "connected");
+    let t = forward(
+        sock,
+        connected.io,
+        st.config.idle_timeout,
+        byte_counters,
+        watcher,
+        shared.hard_stop.clone(),
+    )
+    .await;
+    close.bytes_to_upstream += t.to_upstream;
+    close.bytes_to_client = t.to_client;
+    match (&t.ending, &t.error) {
+        (_, Some(e)) if upstream_tls_alert(e) => {
+            // With TLS 1.3 the upstream checks a client certificate only after the
+            // handshake has completed on our side, so a missing or refused one shows
+            // up here, as an alert, rather than as a connect failure.
+            tracing::warn!(listener = %st.config.name, %peer, %endpoint, error = %e, "closing client: the upstream ended the TLS session with an alert (is a client certificate required?)");
+            Outcome::Error
+        }
+        (_, Some(e)) => {
+            tracing::debug!(listener = %st.config.name, %peer, %endpoint, error = %e, "connection ended with an error");
+            Outcome::Error
+        }
+        (Ending::Idle, None) => {
+            tracing::info!(listener = %st.config.name, %peer, %endpoint, "closed idle connection");
+            Outcome::IdleTimeout
+        }
+        (Ending::Stopped, None) => Outcome::Error,
+        (Ending::Closed, None) => {
+            tracing::debug!(listener = %st.config.name, %peer, %endpoint, to_upstream = t.to_upstream, to_client = t.to_client, "connection closed");
+            Outcome::Completed
+        }
+    }
+}
+
+fn connect_info(st: &ListenerState, peer: SocketAddr, startup: &Option<Startup>) -> ConnectInfo {
+    let protocol = match st.config.protocol {
+        Protocol::Tcp => PluginProtocol::Tcp,
+        Protocol::Postgres => PluginProtocol::Postgres,
+        Protocol::Http => PluginProtocol::Http,
+    };
+    ConnectInfo {
+        listener: st.config.name.clone(),
+        protocol,
+        client_addr: peer.to_string(),
+        upstream: st.config.upstream.clone(),
+        postgres: startup.as_ref().map(|s| {
+            let get = |name: &str| s.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+            PostgresStartup {
+                user: get("user"),
+                database: get("database"),
+                application_name: get("application_name"),
+                // The three named fields are not repeated here (the SDK's contract).
+                parameters: s
+                    .params
+                    .iter()
+                    .filter(|(k, _)| !matches!(k.as_str(), "user" | "database" | "application_name"))
+                    .cloned()
+                    .collect(),
+            }
+        }),
+    }
 }
 
 fn counters(shared: &Shared, st: &ListenerState) -> ByteCounters {
@@ -143,113 +376,12 @@ fn counters(shared: &Shared, st: &ListenerState) -> ByteCounters {
     }
 }
 
-async fn serve_tcp(shared: &Shared, st: &ListenerState, sock: TcpStream, peer: SocketAddr) {
-    let Some(up) = shared.upstream(&st.config.upstream) else {
-        reject(shared, st, "no_upstream");
-        return;
-    };
-    let connected = match up.connect(Handshake::Raw).await {
-        Ok(c) => c,
-        Err(e) => {
-            reject(shared, st, "upstream_unreachable");
-            tracing::warn!(listener = %st.config.name, %peer, error = %e, "closing client: no upstream connection");
-            return;
-        }
-    };
-    finish(shared, st, sock, peer, connected, None).await;
-}
-
-async fn serve_postgres(shared: &Shared, st: &ListenerState, mut sock: TcpStream, peer: SocketAddr) {
-    let preamble = match tokio::time::timeout(PREAMBLE_TIMEOUT, postgres::read_preamble(&mut sock)).await {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => {
-            reject(shared, st, "bad_preamble");
-            tracing::info!(listener = %st.config.name, %peer, error = %e, "closing client: bad startup");
-            if let PreambleError::Malformed(reason) = &e {
-                let _ = sock
-                    .write_all(&postgres::error_response(
-                        "08P01",
-                        &format!("wasmbassador: {reason}"),
-                    ))
-                    .await;
-            }
-            return;
-        }
-        Err(_) => {
-            reject(shared, st, "preamble_timeout");
-            tracing::info!(listener = %st.config.name, %peer, "closing client: no startup packet within {PREAMBLE_TIMEOUT:?}");
-            return;
-        }
-    };
-    let packet = match preamble {
-        Preamble::Cancel { packet, pid, key } => {
-            cancel(shared, st, pid, &key, &packet).await;
-            return;
-        }
-        Preamble::Startup { ref packet, .. } => packet.clone(),
-    };
-    let Some(up) = shared.upstream(&st.config.upstream) else {
-        reject(shared, st, "no_upstream");
-        return;
-    };
-    let mut connected = match up.connect(Handshake::Postgres).await {
-        Ok(c) => c,
-        Err(e) => {
-            reject(shared, st, "upstream_unreachable");
-            tracing::warn!(listener = %st.config.name, %peer, error = %e, "closing client: no upstream connection");
-            let msg = format!(
-                "wasmbassador: cannot reach upstream {:?}: {}",
-                up.config.name, e.last
-            );
-            let _ = sock.write_all(&postgres::error_response("08006", &msg)).await;
-            return;
-        }
-    };
-    if let Err(e) = connected.io.write_all(&packet).await {
-        tracing::warn!(listener = %st.config.name, %peer, error = %e, "upstream closed before the startup message");
-        return;
-    }
-    let watcher = KeyWatcher::new(
-        shared.cancels.clone(),
-        CancelTarget {
-            upstream: up.clone(),
-            address: connected.endpoint.config.address.clone(),
-            peer: connected.peer,
-        },
-    );
-    finish(shared, st, sock, peer, connected, Some(watcher)).await;
-}
-
-async fn finish(
-    shared: &Shared,
-    st: &ListenerState,
-    sock: TcpStream,
-    peer: SocketAddr,
-    connected: crate::upstream::Connected,
-    watcher: Option<KeyWatcher>,
-) {
-    let endpoint = connected.endpoint.config.address.clone();
-    tracing::debug!(listener = %st.config.name, %peer, %endpoint, tls = connected.io.tls_version().unwrap_or("off"), "connected");
-    let result = forward(
-        sock,
-        connected.io,
-        st.config.idle_timeout,
-        counters(shared, st),
-        watcher,
-        shared.hard_stop.clone(),
-    )
-    .await;
-    match result {
-        Ok(t) if t.ending == Ending::Idle => {
-            tracing::info!(listener = %st.config.name, %peer, %endpoint, "closed idle connection")
-        }
-        Ok(t) => {
-            tracing::debug!(listener = %st.config.name, %peer, %endpoint, to_upstream = t.to_upstream, to_client = t.to_client, ending = ?t.ending, "connection closed")
-        }
-        Err(e) => {
-            tracing::debug!(listener = %st.config.name, %peer, %endpoint, error = %e, "connection ended with an error")
-        }
-    }
+/// Whether a forwarding error is a TLS alert from the upstream (rustls reports it
+/// through tokio-rustls as an `io::Error`; the client side is plain TCP).
+fn upstream_tls_alert(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| matches!(r, rustls::Error::AlertReceived(_)))
 }
 
 async fn cancel(shared: &Shared, st: &ListenerState, pid: u32, key: &[u8], packet: &[u8]) {

@@ -52,14 +52,20 @@ enum Command {
         /// Where the admin server listens.
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
+        /// Folder with the built ready-made plugins (`allow_list.wasm`, `access_log.wasm`);
+        /// by default plugins/target/wasm32-wasip2/release under the current folder.
+        #[arg(long)]
+        plugins: Option<PathBuf>,
     },
 }
 
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: log files and `kubectl logs` get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
@@ -81,7 +87,11 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run { config } => run(config).await,
             Command::Validate { config } => validate(&config),
-            Command::Demo { listen, admin } => run_demo(listen, admin).await,
+            Command::Demo {
+                listen,
+                admin,
+                plugins,
+            } => run_demo(listen, admin, plugins).await,
         }
     });
     match result {
@@ -100,6 +110,27 @@ fn validate(path: &std::path::Path) -> anyhow::Result<()> {
             wasmbassador::tls::TlsClient::new(tls).with_context(|| format!("upstream {:?}", u.name))?;
         }
     }
+    // Every plugin is compiled, checked against the world and initialised with its
+    // config, exactly as `run` would; all failures are reported, not just the first.
+    let metrics = std::sync::Arc::new(wasmbassador::metrics::Metrics::new());
+    let shared = wasmbassador::plugin::PluginShared {
+        plugin_metrics: metrics.plugin_metrics.clone(),
+        metrics,
+    };
+    let failed: Vec<String> = config
+        .plugins
+        .iter()
+        .filter_map(|p| wasmbassador::plugin::load_slot(p, &shared, None).err())
+        .map(|e| e.to_string())
+        .collect();
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "{}: {} plugin(s) refused\n  {}",
+            path.display(),
+            failed.len(),
+            failed.join("\n  ")
+        );
+    }
     println!(
         "{}: ok ({} listener(s), {} upstream(s), {} plugin(s))",
         path.display(),
@@ -113,12 +144,7 @@ fn validate(path: &std::path::Path) -> anyhow::Result<()> {
 async fn run(path: PathBuf) -> anyhow::Result<()> {
     let mut last_text =
         std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let config = Config::parse(&last_text, &path.display().to_string())?;
-    if !config.plugins.is_empty() {
-        tracing::warn!(
-            "[[plugin]] entries are checked but not loaded yet: the plugin runtime is not in this build"
-        );
-    }
+    let config = Config::parse_and_check_files(&last_text, &path.display().to_string())?;
     let ambassador = Ambassador::start(config).await?;
     let (_watcher, mut changes) = reload::watch(&path).context("cannot watch the config folder")?;
     let mut term = signal(SignalKind::terminate())?;
@@ -136,7 +162,7 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_demo(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
+async fn run_demo(listen: SocketAddr, admin: SocketAddr, plugins: Option<PathBuf>) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("wasmbassador-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let (chain, key) = demo::make_pki(&dir).context("making demo certificates")?;
@@ -144,7 +170,18 @@ async fn run_demo(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
     // Fixed ports make the printed commands stable; fall back to free ones if taken.
     let listen = free_or_any(listen).await;
     let admin = free_or_any(admin).await;
-    let config = demo::config(listen, admin, upstream.addr, &dir.join("ca.pem"))?;
+    let plugins = plugins.unwrap_or_else(|| PathBuf::from("plugins/target/wasm32-wasip2/release"));
+    let plugins = demo::PLUGINS
+        .iter()
+        .all(|p| plugins.join(p).is_file())
+        .then_some(plugins);
+    let config = demo::config(
+        listen,
+        admin,
+        upstream.addr,
+        &dir.join("ca.pem"),
+        plugins.as_deref(),
+    )?;
     let ambassador = Ambassador::start(config).await?;
     let listen = ambassador.listener_addr("demo").unwrap_or(listen);
     let admin = ambassador.admin_addr();
@@ -157,9 +194,20 @@ async fn run_demo(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
          \n  curl http://{listen}/                       # the upstream answers, over TLS\
          \n  curl http://{admin}/upstreams               # endpoint health\
          \n  curl -s http://{admin}/metrics | grep listener_bytes\n\
+         \n{plugin_note}\
          \nCtrl-C stops the demo.\n",
         up = upstream.addr,
         name = demo::DEMO_SERVER_NAME,
+        plugin_note = match &plugins {
+            Some(dir) => format!(
+                "  plugins   allow-list (clients in 127.0.0.0/8) and access-log, from {}:\
+                 \n            every connection logs an access line; see also http://{admin}/plugins\n",
+                dir.display()
+            ),
+            None => "  plugins   none loaded: build them first with\
+                     \n            cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release\n"
+                .to_string(),
+        },
     );
     let mut term = signal(SignalKind::terminate())?;
     tokio::select! {

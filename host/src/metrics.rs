@@ -48,6 +48,35 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Labels of per-plugin, per-hook series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginHookLabels {
+    /// Plugin name.
+    pub plugin: String,
+    /// `on_connect` or `on_close`.
+    pub hook: &'static str,
+}
+
+/// Labels of plugin call failures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginResultLabels {
+    /// Plugin name.
+    pub plugin: String,
+    /// `on_connect` or `on_close`.
+    pub hook: &'static str,
+    /// `trap`, `timeout`, `memory` or `setup`.
+    pub kind: &'static str,
+}
+
+/// Labels of plugin reloads.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    /// Plugin name.
+    pub plugin: String,
+    /// `success` or `failure`.
+    pub result: &'static str,
+}
+
 /// Every metric the host exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -76,6 +105,23 @@ pub struct Metrics {
     pub config_reloads: Family<ResultLabels, Counter>,
     /// PostgreSQL CancelRequests by result (`forwarded`, `unknown_session`, `failed`).
     pub cancel_requests: Family<ResultLabels, Counter>,
+    /// Plugin hook calls.
+    pub plugin_calls: Family<PluginHookLabels, Counter>,
+    /// Failed plugin hook calls by kind.
+    pub plugin_failures: Family<PluginResultLabels, Counter>,
+    /// Plugin hook call latency, instance checkout included.
+    pub plugin_call_duration: Family<PluginHookLabels, Histogram>,
+    /// Plugin loads and hot swaps by result.
+    pub plugin_reloads: Family<PluginLabels, Counter>,
+    /// Connections refused by a plugin's deny (or its failure under `on_error = "deny"`).
+    pub plugin_denials: Family<ListenerLabels, Counter>,
+    /// Counters and histograms that plugins declare.
+    pub plugin_metrics: std::sync::Arc<crate::plugin::host::PluginMetrics>,
+}
+
+fn plugin_histogram() -> Histogram {
+    // 250 ns .. ~4 ms
+    Histogram::new(exponential_buckets(0.000_000_25, 2.0, 15))
 }
 
 fn connect_histogram() -> Histogram {
@@ -106,6 +152,12 @@ impl Metrics {
             ejections: Family::default(),
             config_reloads: Family::default(),
             cancel_requests: Family::default(),
+            plugin_calls: Family::default(),
+            plugin_failures: Family::default(),
+            plugin_call_duration: Family::new_with_constructor(plugin_histogram),
+            plugin_reloads: Family::default(),
+            plugin_denials: Family::default(),
+            plugin_metrics: Default::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -161,6 +213,35 @@ impl Metrics {
             "PostgreSQL CancelRequests",
             m.cancel_requests.clone(),
         );
+        r.register("plugin_calls", "Plugin hook calls", m.plugin_calls.clone());
+        r.register(
+            "plugin_failures",
+            "Plugin hook calls that trapped, timed out or overran memory",
+            m.plugin_failures.clone(),
+        );
+        r.register(
+            "plugin_call_duration_seconds",
+            "Plugin hook call latency",
+            m.plugin_call_duration.clone(),
+        );
+        r.register(
+            "plugin_reloads",
+            "Plugin loads and hot swaps",
+            m.plugin_reloads.clone(),
+        );
+        r.register(
+            "plugin_denials",
+            "Connections refused by a plugin",
+            m.plugin_denials.clone(),
+        );
+        r.register(
+            "plugin_metric_records_dropped",
+            "Plugin metric records dropped (undeclared, wrong labels, or over the series cap)",
+            m.plugin_metrics.dropped.clone(),
+        );
+        r.register_collector(Box::new(crate::plugin::host::PluginMetricsCollector(
+            m.plugin_metrics.clone(),
+        )));
         Metrics { registry, ..m }
     }
 

@@ -22,6 +22,8 @@ const CANCEL_CODE: u32 = 80_877_102;
 const MAX_STARTUP: usize = 10_000;
 /// Protocol 3.2 allows cancel keys up to 256 bytes.
 const MAX_CANCEL_KEY: usize = 256;
+/// A server's ErrorResponse during startup up to this size is read for the log.
+const MAX_LOGGED_ERROR: usize = 4096;
 
 /// What the client opened with, once encryption requests are answered.
 #[derive(Debug)]
@@ -228,7 +230,8 @@ pub struct KeyWatcher {
     header: [u8; 5],
     have: usize,
     skip: usize,
-    capture: Option<(Vec<u8>, usize)>,
+    /// Message type, body so far, body length.
+    capture: Option<(u8, Vec<u8>, usize)>,
     done: bool,
     guard: Option<CancelGuard>,
 }
@@ -255,14 +258,18 @@ impl KeyWatcher {
                 let n = self.skip.min(data.len());
                 self.skip -= n;
                 data = &data[n..];
-            } else if let Some((buf, want)) = &mut self.capture {
+            } else if let Some((kind, buf, want)) = &mut self.capture {
                 let n = (*want - buf.len()).min(data.len());
                 buf.extend_from_slice(&data[..n]);
                 data = &data[n..];
                 if buf.len() == *want {
+                    let kind = *kind;
                     let body = std::mem::take(buf);
                     self.capture = None;
-                    if let Some(target) = self.target.take() {
+                    if kind == b'E' {
+                        self.done = true;
+                        self.log_refusal(&body);
+                    } else if let Some(target) = self.target.take() {
                         let key = (be32(&body[..4]), body[4..].to_vec());
                         self.guard = Some(self.registry.register(key, target));
                     }
@@ -279,13 +286,37 @@ impl KeyWatcher {
                 let body = (be32(&self.header[1..]) as usize).saturating_sub(4);
                 match self.header[0] {
                     b'K' if (8..=4 + MAX_CANCEL_KEY).contains(&body) => {
-                        self.capture = Some((Vec::with_capacity(body), body));
+                        self.capture = Some((b'K', Vec::with_capacity(body), body));
+                    }
+                    // The server refused the session (authentication, pg_hba,
+                    // client certificate): keep the reason for the log.
+                    b'E' if (1..=MAX_LOGGED_ERROR).contains(&body) => {
+                        self.capture = Some((b'E', Vec::with_capacity(body), body));
                     }
                     b'Z' | b'E' => self.done = true,
                     _ => self.skip = body,
                 }
             }
         }
+    }
+
+    /// Logs the ErrorResponse with which the server ended the session's startup:
+    /// the client receives it as sent, the operator sees it here.
+    fn log_refusal(&self, body: &[u8]) {
+        let mut code = "";
+        let mut message = String::new();
+        for field in body.split(|b| *b == 0).filter(|f| !f.is_empty()) {
+            match field[0] {
+                b'C' => code = std::str::from_utf8(&field[1..]).unwrap_or(""),
+                b'M' => message = String::from_utf8_lossy(&field[1..]).into_owned(),
+                _ => {}
+            }
+        }
+        let (upstream, endpoint) = match &self.target {
+            Some(t) => (t.upstream.config.name.as_str(), t.address.as_str()),
+            None => ("", ""),
+        };
+        tracing::warn!(%upstream, %endpoint, %code, "upstream refused the session: {message}");
     }
 }
 
@@ -363,6 +394,40 @@ mod tests {
             drop(w);
             assert!(registry.is_empty());
         }
+    }
+
+    #[test]
+    fn watcher_stops_at_a_startup_error_without_registering() {
+        let registry = Arc::new(CancelRegistry::default());
+        let target = CancelTarget {
+            upstream: Arc::new(
+                Upstream::new(
+                    crate::config::UpstreamConfig {
+                        name: "u".into(),
+                        connect_timeout: std::time::Duration::from_secs(1),
+                        retry: Default::default(),
+                        health: Default::default(),
+                        eject: Default::default(),
+                        tls: None,
+                        endpoint: vec![],
+                    },
+                    Arc::new(crate::metrics::Metrics::new()),
+                    None,
+                )
+                .expect("upstream"),
+            ),
+            address: "127.0.0.1:1".into(),
+            peer: "127.0.0.1:1".parse().expect("addr"),
+        };
+        let mut w = KeyWatcher::new(registry.clone(), target);
+        let refusal = error_response("28000", "connection requires a valid client certificate");
+        w.feed(&refusal[..7]);
+        assert!(!w.done);
+        w.feed(&refusal[7..]);
+        assert!(w.done);
+        // Bytes after the refusal are not parsed.
+        w.feed(&[b'K', 0, 0, 0, 12, 0, 0, 0x30, 0x39, 1, 2, 3, 4]);
+        assert!(registry.is_empty());
     }
 
     #[test]

@@ -67,7 +67,7 @@ pub async fn reload_file(
         return None;
     }
     *last_text = text.clone();
-    let result = match Config::parse(&text, &path.display().to_string()) {
+    let result = match Config::parse_and_check_files(&text, &path.display().to_string()) {
         Ok(config) => ambassador.reload(config).await,
         Err(e) => {
             ambassador

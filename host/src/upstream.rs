@@ -140,13 +140,16 @@ impl Upstream {
 
     /// Picks the next endpoint: the best priority that has an available endpoint not
     /// yet tried, spread by weight; when every endpoint is unhealthy or ejected, they
-    /// are still tried in priority order rather than refusing everyone.
-    pub fn pick(&self, tried: &[usize]) -> Option<usize> {
+    /// are still tried in priority order rather than refusing everyone. With `tag`,
+    /// only endpoints carrying that tag are candidates.
+    pub fn pick(&self, tried: &[usize], tag: Option<&str>) -> Option<usize> {
+        let eligible = |i: usize| tag.is_none_or(|t| self.endpoints[i].config.tags.iter().any(|x| x == t));
         let untried = |i: &usize| !tried.contains(i);
-        let passes: [&dyn Fn(usize) -> bool; 3] = [
-            &|i| untried(&i) && self.endpoints[i].available(),
-            &|i| untried(&i),
-            &|i| self.endpoints[i].available(),
+        let passes: [&dyn Fn(usize) -> bool; 4] = [
+            &|i| eligible(i) && untried(&i) && self.endpoints[i].available(),
+            &|i| eligible(i) && untried(&i),
+            &|i| eligible(i) && self.endpoints[i].available(),
+            &eligible,
         ];
         for pass in passes {
             let candidates: Vec<usize> = (0..self.endpoints.len()).filter(|i| pass(*i)).collect();
@@ -163,7 +166,7 @@ impl Upstream {
                 .collect();
             return Some(self.weighted(&group));
         }
-        (!self.endpoints.is_empty()).then(|| self.weighted(&(0..self.endpoints.len()).collect::<Vec<_>>()))
+        None
     }
 
     fn weighted(&self, group: &[usize]) -> usize {
@@ -185,18 +188,26 @@ impl Upstream {
     /// Connects for one client connection: picks endpoints, retries with backoff
     /// within `retry.attempts`, and records passive health. Only failures before any
     /// client byte is sent happen here, so every retry is safe.
-    pub async fn connect(&self, handshake: Handshake) -> Result<Connected, ConnectError> {
+    pub async fn connect(&self, handshake: Handshake, tag: Option<&str>) -> Result<Connected, ConnectError> {
         let mut tried = Vec::new();
         let attempts = self.config.retry.attempts.max(1);
         let mut last = None;
+        let mut made = 0;
         for attempt in 1..=attempts {
             if attempt > 1 {
                 tokio::time::sleep(self.backoff(attempt - 1)).await;
             }
-            let Some(i) = self.pick(&tried) else { break };
+            let Some(i) = self.pick(&tried, tag) else {
+                last = Some(match tag {
+                    Some(t) => DialError::NoTaggedEndpoint(t.to_string()),
+                    None => DialError::NoEndpoint,
+                });
+                break;
+            };
             if !tried.contains(&i) {
                 tried.push(i);
             }
+            made = attempt;
             let ep = &self.endpoints[i];
             self.metrics.connect_attempts.get_or_create(&ep.labels).inc();
             let started = Instant::now();
@@ -238,7 +249,7 @@ impl Upstream {
         }
         Err(ConnectError {
             upstream: self.config.name.clone(),
-            attempts: tried.len() as u32,
+            attempts: made,
             last: last.unwrap_or(DialError::Timeout(self.config.connect_timeout)),
         })
     }

@@ -5,7 +5,8 @@
 //! - [`Postgres`]: a real PostgreSQL server (Debian 15 or the embedded 17+ build)
 //!   on a free loopback port, optionally TLS-only;
 //! - [`Redis`]: a real redis-server, TLS with client certificates or plain;
-//! - small networking helpers ([`free_port`], [`wait_for_port`]).
+//! - small networking helpers ([`free_port`], [`wait_for_port`]);
+//! - [`process::Process`]: the `wasmbassador` binary as a child process (async helpers).
 //!
 //! Everything here is blocking (std processes and sockets). Call it while setting a
 //! test up, before the code under test starts; inside `#[tokio::test]` that briefly
@@ -17,6 +18,8 @@
 
 pub mod pg;
 pub mod pki;
+pub mod plugins;
+pub mod process;
 pub mod redis;
 
 pub use pg::{ClientCertMode, PgOptions, PgVersion, Postgres};

@@ -1,0 +1,391 @@
+//! What a plugin instance can reach: the `host` interface of the WIT world (logs,
+//! metrics, a monotonic clock, granted files) and the memory limiter. Nothing else
+//! is linked; see `load.rs` for the WASI imports Rust's std brings along.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Instant;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::histogram::Histogram;
+
+use super::bindings::Level;
+use super::bindings::wasmbassador::plugin::{host, types};
+
+/// Log lines a plugin may write per second before lines are dropped (and counted).
+const LOG_LINES_PER_SECOND: u32 = 200;
+/// Longest log line kept; the rest is cut.
+const MAX_LOG_LINE: usize = 4096;
+/// Distinct label-value sets per plugin metric.
+const MAX_SERIES: usize = 1000;
+
+/// What every instance of one plugin version shares.
+#[derive(Debug)]
+pub struct PluginContext {
+    /// The configured name.
+    pub name: String,
+    /// Version counter of this plugin name (1 for the first load).
+    pub generation: u64,
+    /// Files the plugin may read, exactly as granted.
+    pub grants: Vec<PathBuf>,
+    /// Linear memory cap in bytes.
+    pub memory: u64,
+    /// Plugin-defined metrics of the whole process.
+    pub metrics: Arc<PluginMetrics>,
+    log_window: Mutex<(Instant, u32, u64)>,
+}
+
+impl PluginContext {
+    /// A context for one loaded version.
+    pub fn new(
+        name: &str,
+        generation: u64,
+        grants: Vec<PathBuf>,
+        memory: u64,
+        metrics: Arc<PluginMetrics>,
+    ) -> Self {
+        Self {
+            name: name.to_string(),
+            generation,
+            grants,
+            memory,
+            metrics,
+            log_window: Mutex::new((Instant::now(), 0, 0)),
+        }
+    }
+}
+
+/// Refuses linear-memory growth past the plugin's cap and remembers that it did, so
+/// that the resulting trap is reported as a memory overrun.
+#[derive(Debug)]
+pub struct MemoryLimiter {
+    cap: usize,
+    /// Set when a growth was refused during the current call.
+    pub hit: bool,
+}
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.cap {
+            self.hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// The store data of one plugin instance.
+#[derive(Debug)]
+pub struct HostState {
+    /// Shared by every instance of this plugin version.
+    pub ctx: Arc<PluginContext>,
+    /// The memory cap.
+    pub limiter: MemoryLimiter,
+}
+
+impl HostState {
+    /// State for a new instance.
+    pub fn new(ctx: Arc<PluginContext>) -> Self {
+        let cap = ctx.memory as usize;
+        Self {
+            ctx,
+            limiter: MemoryLimiter { cap, hit: false },
+        }
+    }
+}
+
+fn epoch() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+impl types::Host for HostState {}
+
+impl host::Host for HostState {
+    fn log(&mut self, level: Level, message: String) {
+        let ctx = &self.ctx;
+        if let Ok(mut w) = ctx.log_window.lock() {
+            if w.0.elapsed().as_secs() >= 1 {
+                if w.2 > 0 {
+                    tracing::warn!(plugin = %ctx.name, dropped = w.2, "plugin log lines dropped (rate limit)");
+                }
+                *w = (Instant::now(), 0, 0);
+            }
+            if w.1 >= LOG_LINES_PER_SECOND {
+                w.2 += 1;
+                return;
+            }
+            w.1 += 1;
+        }
+        let mut message = message;
+        if message.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        let name = ctx.name.as_str();
+        match level {
+            Level::Trace => tracing::trace!(target: "plugin", plugin = name, "{message}"),
+            Level::Debug => tracing::debug!(target: "plugin", plugin = name, "{message}"),
+            Level::Info => tracing::info!(target: "plugin", plugin = name, "{message}"),
+            Level::Warn => tracing::warn!(target: "plugin", plugin = name, "{message}"),
+            Level::Error => tracing::error!(target: "plugin", plugin = name, "{message}"),
+        }
+    }
+
+    fn define_counter(&mut self, name: String, help: String, label_names: Vec<String>) -> Result<(), String> {
+        self.ctx
+            .metrics
+            .define(&self.ctx, &name, &help, &label_names, None)
+    }
+
+    fn counter_add(&mut self, name: String, label_values: Vec<String>, value: u64) {
+        self.ctx
+            .metrics
+            .record(&self.ctx, &name, label_values, Record::Add(value));
+    }
+
+    fn define_histogram(
+        &mut self,
+        name: String,
+        help: String,
+        label_names: Vec<String>,
+        buckets: Vec<f64>,
+    ) -> Result<(), String> {
+        let buckets = if buckets.is_empty() {
+            vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+        } else {
+            buckets
+        };
+        if buckets.iter().any(|b| !b.is_finite()) || buckets.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(format!(
+                "histogram {name:?}: buckets must be finite and strictly increasing"
+            ));
+        }
+        self.ctx
+            .metrics
+            .define(&self.ctx, &name, &help, &label_names, Some(buckets))
+    }
+
+    fn histogram_observe(&mut self, name: String, label_values: Vec<String>, value: f64) {
+        if !value.is_nan() {
+            self.ctx
+                .metrics
+                .record(&self.ctx, &name, label_values, Record::Observe(value));
+        }
+    }
+
+    fn now_ns(&mut self) -> u64 {
+        epoch().elapsed().as_nanos() as u64
+    }
+
+    fn read_file(&mut self, path: String) -> Result<Vec<u8>, String> {
+        let wanted = PathBuf::from(&path);
+        if !self.ctx.grants.contains(&wanted) {
+            return Err(format!(
+                "{path}: not granted to plugin {:?} (grants.files)",
+                self.ctx.name
+            ));
+        }
+        let meta = std::fs::metadata(&wanted).map_err(|e| format!("{path}: {e}"))?;
+        if meta.len() > self.ctx.memory {
+            return Err(format!(
+                "{path}: {} bytes is more than the plugin's memory cap",
+                meta.len()
+            ));
+        }
+        std::fs::read(&wanted).map_err(|e| format!("{path}: {e}"))
+    }
+}
+
+/// Builds histograms with a metric's own buckets.
+#[derive(Debug, Clone)]
+pub struct Buckets(Vec<f64>);
+
+impl MetricConstructor<Histogram> for Buckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(self.0.iter().copied())
+    }
+}
+
+type Labels = Vec<(String, String)>;
+
+#[derive(Debug)]
+enum Kind {
+    Counter(Family<Labels, Counter>),
+    Histogram(Family<Labels, Histogram, Buckets>),
+}
+
+#[derive(Debug)]
+struct PluginMetric {
+    help: String,
+    labels: Vec<String>,
+    buckets: Option<Vec<f64>>,
+    kind: Kind,
+    /// (plugin, generation) that declared this shape.
+    owner: (String, u64),
+    series: usize,
+}
+
+/// What a record call does.
+#[derive(Debug, Clone, Copy)]
+pub enum Record {
+    /// Counter add.
+    Add(u64),
+    /// Histogram observation.
+    Observe(f64),
+}
+
+/// The counters and histograms plugins declare, exposed at `/metrics` as
+/// `wasmbassador_plugin_<name>{plugin="…", …}`.
+#[derive(Debug, Default)]
+pub struct PluginMetrics {
+    metrics: RwLock<BTreeMap<String, PluginMetric>>,
+    /// Records dropped for an unknown name, a wrong label count or the series cap.
+    pub dropped: Counter,
+}
+
+fn valid_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+impl PluginMetrics {
+    fn define(
+        &self,
+        ctx: &PluginContext,
+        name: &str,
+        help: &str,
+        labels: &[String],
+        buckets: Option<Vec<f64>>,
+    ) -> Result<(), String> {
+        if !valid_name(name) {
+            return Err(format!("metric name {name:?} must match [a-zA-Z_][a-zA-Z0-9_]*"));
+        }
+        for l in labels {
+            if !valid_name(l) || l == "plugin" {
+                return Err(format!(
+                    "label {l:?} of metric {name:?} must match [a-zA-Z_][a-zA-Z0-9_]* and not be \"plugin\""
+                ));
+            }
+        }
+        let mut all = self
+            .metrics
+            .write()
+            .map_err(|_| "metrics lock poisoned".to_string())?;
+        if let Some(m) = all.get(name) {
+            let same = m.help == help && m.labels == labels && m.buckets == buckets;
+            if same {
+                return Ok(());
+            }
+            // A new version of the same plugin may reshape its own metric.
+            let newer_self = m.owner.0 == ctx.name && m.owner.1 < ctx.generation;
+            if !newer_self {
+                return Err(format!(
+                    "metric {name:?} is already declared with other help, labels or buckets (by plugin {:?})",
+                    m.owner.0
+                ));
+            }
+        }
+        let kind = match &buckets {
+            None => Kind::Counter(Family::default()),
+            Some(b) => Kind::Histogram(Family::new_with_constructor(Buckets(b.clone()))),
+        };
+        all.insert(
+            name.to_string(),
+            PluginMetric {
+                help: help.to_string(),
+                labels: labels.to_vec(),
+                buckets,
+                kind,
+                owner: (ctx.name.clone(), ctx.generation),
+                series: 0,
+            },
+        );
+        Ok(())
+    }
+
+    fn record(&self, ctx: &PluginContext, name: &str, values: Vec<String>, what: Record) {
+        let Ok(mut all) = self.metrics.write() else { return };
+        let Some(m) = all.get_mut(name) else {
+            self.dropped.inc();
+            return;
+        };
+        if values.len() != m.labels.len() {
+            self.dropped.inc();
+            return;
+        }
+        let mut labels: Labels = Vec::with_capacity(values.len() + 1);
+        labels.push(("plugin".to_string(), ctx.name.clone()));
+        labels.extend(m.labels.iter().cloned().zip(values));
+        let exists = match &m.kind {
+            Kind::Counter(f) => f.get(&labels).is_some(),
+            Kind::Histogram(f) => f.get(&labels).is_some(),
+        };
+        if !exists {
+            if m.series >= MAX_SERIES {
+                self.dropped.inc();
+                return;
+            }
+            m.series += 1;
+        }
+        match (&m.kind, what) {
+            (Kind::Counter(f), Record::Add(n)) => {
+                f.get_or_create(&labels).inc_by(n);
+            }
+            (Kind::Histogram(f), Record::Observe(v)) => f.get_or_create(&labels).observe(v),
+            _ => {
+                self.dropped.inc();
+            }
+        }
+    }
+}
+
+/// Encodes the plugin metrics as part of the host registry.
+#[derive(Debug)]
+pub struct PluginMetricsCollector(pub Arc<PluginMetrics>);
+
+impl Collector for PluginMetricsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(all) = self.0.metrics.read() else {
+            return Ok(());
+        };
+        for (name, m) in all.iter() {
+            let full = format!("plugin_{name}");
+            match &m.kind {
+                Kind::Counter(f) => {
+                    // The encoder appends `_total` to counters itself.
+                    let base = full.strip_suffix("_total").unwrap_or(&full);
+                    let e = encoder.encode_descriptor(base, &m.help, None, f.metric_type())?;
+                    f.encode(e)?;
+                }
+                Kind::Histogram(f) => {
+                    let e = encoder.encode_descriptor(&full, &m.help, None, f.metric_type())?;
+                    f.encode(e)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,217 @@
+//! Loading one plugin file: read, digest, compile, check the world, instantiate and
+//! run `init`. Every step that fails says which file and which step.
+//!
+//! Compilation is CPU work of tens of milliseconds, so callers on the async runtime
+//! run this through `spawn_blocking`. Precompiled code is never read from the plugin
+//! folder: only the `.wasm` component is accepted there.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker, Val};
+
+use super::bindings::{Plugin, PluginPre};
+use super::host::{HostState, PluginContext, PluginMetrics};
+use crate::config::PluginConfig;
+
+/// Why a plugin file was refused; the variant is the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("plugin {name:?}: cannot read {path}: {reason}")]
+    Read {
+        /// Plugin name.
+        name: String,
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        reason: String,
+    },
+    /// The file's SHA-256 is not the pinned one.
+    #[error("plugin {name:?}: {path} has sha256 {actual}, but the config pins {expected}")]
+    Digest {
+        /// Plugin name.
+        name: String,
+        /// The file.
+        path: PathBuf,
+        /// `plugin.sha256`.
+        expected: String,
+        /// What the file has.
+        actual: String,
+    },
+    /// Not a WebAssembly component wasmtime can compile.
+    #[error("plugin {name:?}: {path} is not a usable WebAssembly component: {reason}")]
+    Compile {
+        /// Plugin name.
+        name: String,
+        /// The file.
+        path: PathBuf,
+        /// wasmtime's reason.
+        reason: String,
+    },
+    /// A component, but not of the `wasmbassador:plugin/plugin` world.
+    #[error("plugin {name:?}: {path} does not implement the wasmbassador:plugin world (0.1): {reason}")]
+    World {
+        /// Plugin name.
+        name: String,
+        /// The file.
+        path: PathBuf,
+        /// What is missing or mistyped.
+        reason: String,
+    },
+    /// `init` returned an error, trapped or timed out.
+    #[error("plugin {name:?}: {path}: init failed: {reason}")]
+    Init {
+        /// Plugin name.
+        name: String,
+        /// The file.
+        path: PathBuf,
+        /// The plugin's error text or the trap.
+        reason: String,
+    },
+    /// The engine could not be created.
+    #[error("plugin runtime unavailable: {0}")]
+    Engine(String),
+}
+
+impl LoadError {
+    /// The failed step, for metrics and `/plugins`.
+    pub fn step(&self) -> &'static str {
+        match self {
+            LoadError::Read { .. } => "read",
+            LoadError::Digest { .. } => "digest",
+            LoadError::Compile { .. } => "compile",
+            LoadError::World { .. } => "world",
+            LoadError::Init { .. } => "init",
+            LoadError::Engine(_) => "engine",
+        }
+    }
+}
+
+/// A compiled, checked plugin file, ready to instantiate.
+pub struct Compiled {
+    /// Hex SHA-256 of the file.
+    pub sha256: String,
+    /// Pre-linked instance template.
+    pub pre: PluginPre<HostState>,
+    /// Shared per-version context.
+    pub ctx: Arc<PluginContext>,
+}
+
+impl std::fmt::Debug for Compiled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compiled").field("sha256", &self.sha256).finish()
+    }
+}
+
+/// Hex SHA-256 of a file's bytes.
+pub fn digest(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads a plugin file (the caller can compare its digest before compiling).
+pub fn read(config: &PluginConfig) -> Result<Vec<u8>, LoadError> {
+    std::fs::read(&config.path).map_err(|e| LoadError::Read {
+        name: config.name.clone(),
+        path: config.path.clone(),
+        reason: e.to_string(),
+    })
+}
+
+/// Compiles `bytes` and checks them against the world and the pin.
+pub fn compile(
+    config: &PluginConfig,
+    bytes: &[u8],
+    generation: u64,
+    metrics: Arc<PluginMetrics>,
+) -> Result<Compiled, LoadError> {
+    let name = config.name.clone();
+    let path = config.path.clone();
+    let sha256 = digest(bytes);
+    if let Some(expected) = &config.sha256
+        && !expected.eq_ignore_ascii_case(&sha256)
+    {
+        return Err(LoadError::Digest {
+            name,
+            path,
+            expected: expected.clone(),
+            actual: sha256,
+        });
+    }
+    let engine = super::engine::engine().map_err(LoadError::Engine)?;
+    let component = Component::new(engine, bytes).map_err(|e| LoadError::Compile {
+        name: name.clone(),
+        path: path.clone(),
+        reason: first_line(&e),
+    })?;
+    let linker = linker(engine, &component).map_err(|e| LoadError::World {
+        name: name.clone(),
+        path: path.clone(),
+        reason: format!("{e:#}"),
+    })?;
+    let world_err = |e: wasmtime::Error| LoadError::World {
+        name: name.clone(),
+        path: path.clone(),
+        reason: format!("{e:#}"),
+    };
+    let instance_pre = linker.instantiate_pre(&component).map_err(world_err)?;
+    let pre = PluginPre::new(instance_pre).map_err(world_err)?;
+    let ctx = Arc::new(PluginContext::new(
+        &config.name,
+        generation,
+        config.grants.files.clone(),
+        config.memory,
+        metrics,
+    ));
+    Ok(Compiled { sha256, pre, ctx })
+}
+
+fn first_line(e: &wasmtime::Error) -> String {
+    let s = format!("{e:#}");
+    s.lines().next().unwrap_or("").chars().take(300).collect()
+}
+
+/// The linker for one component: the `host` interface, and for the WASI imports that
+/// Rust's standard library adds to every wasip2 component, nothing granted — an
+/// empty environment, no arguments, no preopened directories — and a trap for every
+/// other WASI function (stdio, files, clocks, sockets, random).
+fn linker(engine: &wasmtime::Engine, component: &Component) -> wasmtime::Result<Linker<HostState>> {
+    let mut linker = Linker::new(engine);
+    Plugin::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)?;
+    let ty = component.component_type();
+    for (import, _) in ty.imports(engine) {
+        let empty_list = |_: wasmtime::StoreContextMut<'_, HostState>,
+                          _: wasmtime::component::types::ComponentFunc,
+                          _: &[Val],
+                          out: &mut [Val]| {
+            out[0] = Val::List(Vec::new());
+            Ok(())
+        };
+        if import.starts_with("wasi:cli/environment@") {
+            let mut i = linker.instance(import)?;
+            i.func_new("get-environment", empty_list)?;
+            i.func_new("get-arguments", empty_list)?;
+            i.func_new("initial-cwd", |_, _, _, out| {
+                out[0] = Val::Option(None);
+                Ok(())
+            })?;
+        } else if import.starts_with("wasi:filesystem/preopens@") {
+            // The resource type comes from `wasi:filesystem/types`, which
+            // `define_unknown_imports_as_traps` stubs below; an empty list needs no
+            // descriptor, so none is ever created.
+            linker.instance(import)?.func_new("get-directories", empty_list)?;
+        }
+    }
+    linker.define_unknown_imports_as_traps(component)?;
+    Ok(linker)
+}
+
+/// Whether `path` names the file configured for a plugin (after resolving symlinks,
+/// as a ConfigMap mount has them).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}

@@ -1,0 +1,421 @@
+//! WebAssembly plugins: compiled once, instantiated from a template, run with a
+//! deadline and a memory cap, hot-swapped atomically.
+//!
+//! Instances are reused: a call takes an initialized instance of the plugin version
+//! from a small idle list (or makes one and runs `init`), and puts it back after a
+//! successful call. A trap, timeout or memory overrun throws the instance away. A
+//! connection holds the versions it started with ([`chain::Chain`]), so a swap never
+//! changes a connection midway.
+
+mod bindings;
+pub mod chain;
+pub mod engine;
+pub mod host;
+pub mod load;
+pub mod watch;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use wasmtime::Store;
+
+pub use bindings::{CloseInfo, ConnectInfo, Outcome, PostgresStartup, Protocol, RouteTarget, Verdict};
+use bindings::{Plugin, PluginPre};
+use host::{HostState, PluginContext, PluginMetrics};
+pub use load::LoadError;
+
+use crate::config::{OnError, PluginConfig};
+use crate::metrics::{Metrics, PluginHookLabels, PluginLabels, PluginResultLabels};
+
+/// Initialized instances kept per plugin version.
+const IDLE_INSTANCES: usize = 32;
+
+/// Why one hook call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HookError {
+    /// The guest trapped (a Rust panic is a trap) or called a WASI function that is
+    /// not granted.
+    #[error("trap: {0}")]
+    Trap(String),
+    /// The call ran past `plugin.timeout`.
+    #[error("timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    /// The guest tried to grow its memory past `plugin.memory`.
+    #[error("memory limit of {0} bytes exceeded")]
+    Memory(u64),
+    /// A fresh instance could not be created or initialized.
+    #[error("instance setup failed: {0}")]
+    Setup(String),
+}
+
+impl HookError {
+    fn kind(&self) -> &'static str {
+        match self {
+            HookError::Trap(_) => "trap",
+            HookError::Timeout(_) => "timeout",
+            HookError::Memory(_) => "memory",
+            HookError::Setup(_) => "setup",
+        }
+    }
+}
+
+struct Warm {
+    store: Store<HostState>,
+    plugin: Plugin,
+}
+
+/// Counters that survive swaps: one set per plugin name.
+#[derive(Debug, Default)]
+pub struct Stats {
+    calls: AtomicU64,
+    errors: AtomicU64,
+    timeouts: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Stats {
+    fn set_error(&self, e: String) {
+        if let Ok(mut l) = self.last_error.lock() {
+            *l = Some(e);
+        }
+    }
+}
+
+/// One loaded version of a plugin.
+pub struct Loaded {
+    /// Its config entry.
+    pub config: PluginConfig,
+    /// Hex SHA-256 of the file.
+    pub sha256: String,
+    /// 1 for the first version loaded under this name, then +1 per swap.
+    pub generation: u64,
+    /// When it was swapped in.
+    pub loaded_at: SystemTime,
+    pre: PluginPre<HostState>,
+    ctx: Arc<PluginContext>,
+    config_json: String,
+    idle: Mutex<Vec<Warm>>,
+    stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("name", &self.config.name)
+            .field("generation", &self.generation)
+            .field("sha256", &self.sha256)
+            .finish()
+    }
+}
+
+impl Loaded {
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The failure policy.
+    pub fn on_error(&self) -> OnError {
+        self.config.on_error
+    }
+
+    fn deadline_ticks(&self) -> u64 {
+        let ticks = self.config.timeout.as_micros().div_ceil(engine::TICK.as_micros()) as u64;
+        // The current tick is already partly over: one more keeps the deadline at or
+        // past the configured time.
+        ticks.max(1) + 1
+    }
+
+    fn fresh(&self) -> Result<Warm, HookError> {
+        let engine = engine::engine().map_err(HookError::Setup)?;
+        let mut store = Store::new(engine, HostState::new(self.ctx.clone()));
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.deadline_ticks());
+        let plugin = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| self.classify(&store, e, "instantiate"))?;
+        match plugin
+            .wasmbassador_plugin_hooks()
+            .call_init(&mut store, &self.config_json)
+        {
+            Ok(Ok(())) => Ok(Warm { store, plugin }),
+            Ok(Err(reason)) => Err(HookError::Setup(format!("init returned an error: {reason}"))),
+            Err(e) => Err(self.classify(&store, e, "init")),
+        }
+    }
+
+    fn classify(&self, store: &Store<HostState>, e: wasmtime::Error, _what: &str) -> HookError {
+        if store.data().limiter.hit {
+            return HookError::Memory(self.config.memory);
+        }
+        if let Some(wasmtime::Trap::Interrupt) = e.downcast_ref::<wasmtime::Trap>() {
+            return HookError::Timeout(self.config.timeout);
+        }
+        let text = format!("{e:#}");
+        HookError::Trap(text.lines().take(3).collect::<Vec<_>>().join(" | "))
+    }
+
+    /// Runs one hook on an instance of this version, with the deadline and memory
+    /// cap; counts, times and logs the outcome.
+    fn call<R>(
+        &self,
+        hook: &'static str,
+        f: impl FnOnce(&mut Store<HostState>, &Plugin) -> wasmtime::Result<R>,
+    ) -> Result<R, HookError> {
+        let started = Instant::now();
+        let labels = PluginHookLabels {
+            plugin: self.config.name.clone(),
+            hook,
+        };
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        self.metrics.plugin_calls.get_or_create(&labels).inc();
+        let warm = self.idle.lock().ok().and_then(|mut v| v.pop());
+        let result = match warm.map(Ok).unwrap_or_else(|| self.fresh()) {
+            Err(e) => Err(e),
+            Ok(mut w) => {
+                w.store.data_mut().limiter.hit = false;
+                w.store.set_epoch_deadline(self.deadline_ticks());
+                match f(&mut w.store, &w.plugin) {
+                    Ok(r) => {
+                        if let Ok(mut idle) = self.idle.lock()
+                            && idle.len() < IDLE_INSTANCES
+                        {
+                            idle.push(w);
+                        }
+                        Ok(r)
+                    }
+                    Err(e) => Err(self.classify(&w.store, e, hook)),
+                }
+            }
+        };
+        self.metrics
+            .plugin_call_duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            if matches!(e, HookError::Timeout(_)) {
+                self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+            }
+            self.metrics
+                .plugin_failures
+                .get_or_create(&PluginResultLabels {
+                    plugin: self.config.name.clone(),
+                    hook,
+                    kind: e.kind(),
+                })
+                .inc();
+            let text = format!("{hook}: {e}");
+            tracing::warn!(plugin = %self.config.name, generation = self.generation, "plugin call failed: {text}");
+            self.stats.set_error(text);
+        }
+        result
+    }
+
+    /// `on-connect`; `Err` means the call failed and the policy decides.
+    pub fn on_connect(&self, info: &ConnectInfo) -> Result<Verdict, HookError> {
+        self.call("on_connect", |store, p| {
+            p.wasmbassador_plugin_hooks().call_on_connect(store, info)
+        })
+    }
+
+    /// `on-close`; failures are counted and logged, nothing else.
+    pub fn on_close(&self, info: &CloseInfo) {
+        let _ = self.call("on_close", |store, p| {
+            p.wasmbassador_plugin_hooks().call_on_close(store, info)
+        });
+    }
+}
+
+/// A plugin name's current version and its load history.
+#[derive(Debug)]
+pub struct Slot {
+    /// The version new connections get.
+    pub current: ArcSwap<Loaded>,
+    stats: Arc<Stats>,
+    generation: AtomicU64,
+    swap_lock: Mutex<()>,
+    /// Digest of the last file refused, so that unrelated events in the folder do
+    /// not retry (and re-log) the same bad bytes.
+    refused: Mutex<Option<String>>,
+}
+
+impl Slot {
+    fn was_refused(&self, digest: &str) -> bool {
+        self.refused
+            .lock()
+            .map(|r| r.as_deref() == Some(digest))
+            .unwrap_or(false)
+    }
+
+    fn mark_refused(&self, digest: String) {
+        if let Ok(mut r) = self.refused.lock() {
+            *r = Some(digest);
+        }
+    }
+
+    /// Loads a new version from `config` (blocking: compile and init) and swaps it
+    /// in if every step passes; otherwise the current version stays and the error is
+    /// recorded. `bytes` may be given when the caller already read the file.
+    pub fn reload(&self, config: &PluginConfig, shared: &PluginShared) -> Result<Arc<Loaded>, LoadError> {
+        let _one_at_a_time = self.swap_lock.lock();
+        let generation = self.generation.load(Ordering::Relaxed) + 1;
+        let result = build(config, generation, self.stats.clone(), shared);
+        let label = |result| PluginLabels {
+            plugin: config.name.clone(),
+            result,
+        };
+        match result {
+            Ok(loaded) => {
+                let loaded = Arc::new(loaded);
+                self.generation.store(generation, Ordering::Relaxed);
+                self.current.store(loaded.clone());
+                shared
+                    .metrics
+                    .plugin_reloads
+                    .get_or_create(&label("success"))
+                    .inc();
+                tracing::info!(
+                    plugin = %config.name,
+                    generation,
+                    sha256 = %loaded.sha256,
+                    "plugin version loaded"
+                );
+                Ok(loaded)
+            }
+            Err(e) => {
+                shared
+                    .metrics
+                    .plugin_reloads
+                    .get_or_create(&label("failure"))
+                    .inc();
+                tracing::error!(plugin = %config.name, step = e.step(), "plugin refused; the previous version keeps serving: {e}");
+                self.stats.set_error(e.to_string());
+                Err(e)
+            }
+        }
+    }
+}
+
+/// What loading needs from the host.
+#[derive(Debug, Clone)]
+pub struct PluginShared {
+    /// Host metrics.
+    pub metrics: Arc<Metrics>,
+    /// Plugin-defined metrics.
+    pub plugin_metrics: Arc<PluginMetrics>,
+}
+
+fn build(
+    config: &PluginConfig,
+    generation: u64,
+    stats: Arc<Stats>,
+    shared: &PluginShared,
+) -> Result<Loaded, LoadError> {
+    let bytes = load::read(config)?;
+    let compiled = load::compile(config, &bytes, generation, shared.plugin_metrics.clone())?;
+    let config_json = serde_json::to_string(&config.config).unwrap_or_else(|_| "{}".into());
+    let loaded = Loaded {
+        config: config.clone(),
+        sha256: compiled.sha256,
+        generation,
+        loaded_at: SystemTime::now(),
+        pre: compiled.pre,
+        ctx: compiled.ctx,
+        config_json,
+        idle: Mutex::new(Vec::new()),
+        stats,
+        metrics: shared.metrics.clone(),
+    };
+    // Instantiate and init once now: a plugin that cannot start is refused here,
+    // not on the first connection.
+    let warm = loaded.fresh().map_err(|e| LoadError::Init {
+        name: config.name.clone(),
+        path: config.path.clone(),
+        reason: e.to_string(),
+    })?;
+    if let Ok(mut idle) = loaded.idle.lock() {
+        idle.push(warm);
+    }
+    Ok(loaded)
+}
+
+/// Loads a plugin into a new slot (blocking). With `previous` (the entry's config
+/// changed on reload), the version counter and the call statistics carry on.
+pub fn load_slot(
+    config: &PluginConfig,
+    shared: &PluginShared,
+    previous: Option<&Slot>,
+) -> Result<Arc<Slot>, LoadError> {
+    let stats = previous.map(|p| p.stats.clone()).unwrap_or_default();
+    let generation = previous
+        .map(|p| p.generation.load(Ordering::Relaxed))
+        .unwrap_or(0)
+        + 1;
+    let loaded = build(config, generation, stats.clone(), shared)?;
+    tracing::info!(plugin = %config.name, generation, sha256 = %loaded.sha256, path = %config.path.display(), "plugin loaded");
+    Ok(Arc::new(Slot {
+        current: ArcSwap::from_pointee(loaded),
+        stats,
+        generation: AtomicU64::new(generation),
+        swap_lock: Mutex::new(()),
+        refused: Mutex::new(None),
+    }))
+}
+
+/// Every configured plugin by name.
+pub type PluginMap = HashMap<String, Arc<Slot>>;
+
+/// `/plugins` entry.
+#[derive(Debug, Serialize)]
+pub struct PluginStatus {
+    /// Configured name.
+    pub name: String,
+    /// The file.
+    pub path: String,
+    /// Digest of the version serving.
+    pub sha256: String,
+    /// When that version was loaded (RFC 3339).
+    pub loaded_at: String,
+    /// Version counter.
+    pub generation: u64,
+    /// Hook calls, all versions.
+    pub calls: u64,
+    /// Failed hook calls (traps, timeouts, memory overruns).
+    pub errors: u64,
+    /// Of which timeouts.
+    pub timeouts: u64,
+    /// The last failure: of a call, or of a reload that was refused.
+    pub last_error: Option<String>,
+}
+
+/// Status of every plugin, sorted by name.
+pub fn status(plugins: &PluginMap) -> Vec<PluginStatus> {
+    let mut out: Vec<PluginStatus> = plugins
+        .values()
+        .map(|slot| {
+            let cur = slot.current.load();
+            let s = &slot.stats;
+            PluginStatus {
+                name: cur.config.name.clone(),
+                path: cur.config.path.display().to_string(),
+                sha256: cur.sha256.clone(),
+                loaded_at: humantime::format_rfc3339_millis(cur.loaded_at).to_string(),
+                generation: cur.generation,
+                calls: s.calls.load(Ordering::Relaxed),
+                errors: s.errors.load(Ordering::Relaxed),
+                timeouts: s.timeouts.load(Ordering::Relaxed),
+                last_error: s.last_error.lock().ok().and_then(|l| l.clone()),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}

@@ -1,0 +1,449 @@
+//! What the hooks see: [`Connection`] in `on_connect`, [`Closed`] in `on_close`.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use crate::__private::bindings::wasmbassador::plugin::types as wit;
+
+/// How the listener that accepted a connection reads its start (`listener.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Protocol {
+    /// Raw TCP: nothing is known beyond the addresses.
+    Tcp,
+    /// PostgreSQL: the startup parameters (user, database, ...) are known.
+    Postgres,
+    /// HTTP: the connection of an HTTP listener.
+    Http,
+}
+
+impl Protocol {
+    /// `"tcp"`, `"postgres"` or `"http"`, as written in the host config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Postgres => "postgres",
+            Protocol::Http => "http",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A new client connection, as [`Plugin::on_connect`](crate::Plugin::on_connect) sees it.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    info: wit::ConnectInfo,
+}
+
+/// Building values by hand, for a plugin's unit tests (the host builds the real ones):
+///
+/// ```
+/// use wasmbassador_sdk::{Connection, Protocol};
+/// let c = Connection::new("orders-db", "10.1.2.3:50000", "orders")
+///     .with_startup(&[("user", "app"), ("database", "orders")]);
+/// assert_eq!(c.protocol(), Protocol::Postgres);
+/// assert_eq!(c.db_user(), Some("app"));
+/// ```
+impl Connection {
+    /// A `tcp` connection from `client_addr` (`ip:port`) to `listener`, whose default
+    /// upstream is `upstream`.
+    pub fn new(listener: &str, client_addr: &str, upstream: &str) -> Connection {
+        Connection {
+            info: wit::ConnectInfo {
+                listener: listener.to_owned(),
+                protocol: wit::Protocol::Tcp,
+                client_addr: client_addr.to_owned(),
+                upstream: upstream.to_owned(),
+                postgres: None,
+            },
+        }
+    }
+
+    /// Makes it a `postgres` connection with these startup parameters (`user`,
+    /// `database`, `application_name` and any others).
+    pub fn with_startup(mut self, parameters: &[(&str, &str)]) -> Connection {
+        let get = |name: &str| {
+            parameters
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        };
+        self.info.protocol = wit::Protocol::Postgres;
+        self.info.postgres = Some(wit::PostgresStartup {
+            user: get("user"),
+            database: get("database"),
+            application_name: get("application_name"),
+            parameters: parameters
+                .iter()
+                .filter(|(k, _)| !matches!(*k, "user" | "database" | "application_name"))
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        });
+        self
+    }
+
+    /// Makes it a connection of an `http` listener.
+    pub fn with_http(mut self) -> Connection {
+        self.info.protocol = wit::Protocol::Http;
+        self.info.postgres = None;
+        self
+    }
+}
+
+impl Connection {
+    /// The name of the listener that accepted the connection (`listener.name`).
+    pub fn listener(&self) -> &str {
+        &self.info.listener
+    }
+
+    /// The listener's protocol.
+    pub fn protocol(&self) -> Protocol {
+        match self.info.protocol {
+            wit::Protocol::Tcp => Protocol::Tcp,
+            wit::Protocol::Postgres => Protocol::Postgres,
+            wit::Protocol::Http => Protocol::Http,
+        }
+    }
+
+    /// The client's address as the listener saw it, `ip:port` (`[ip]:port` for IPv6).
+    pub fn client_addr(&self) -> &str {
+        &self.info.client_addr
+    }
+
+    /// The client's IP address. An IPv4 client of a listener bound to `[::]` arrives as
+    /// an IPv4-mapped IPv6 address (`::ffff:10.1.2.3`); it is returned as plain IPv4
+    /// (`10.1.2.3`) so that IPv4 rules match it. `None` only if the host sent an address
+    /// that does not parse.
+    pub fn client_ip(&self) -> Option<IpAddr> {
+        parse_ip(&self.info.client_addr)
+    }
+
+    /// The listener's default upstream (`listener.upstream`): where the connection goes
+    /// unless a plugin routes it elsewhere.
+    pub fn upstream(&self) -> &str {
+        &self.info.upstream
+    }
+
+    /// The PostgreSQL `user` startup parameter; `None` on other protocols.
+    pub fn db_user(&self) -> Option<&str> {
+        self.postgres()?.user.as_deref()
+    }
+
+    /// The PostgreSQL database the client asked for: the `database` startup parameter,
+    /// or, when the client sent none, the user name — the database PostgreSQL itself
+    /// will use. `None` on other protocols. The raw parameter is
+    /// `startup_parameter("database")`.
+    pub fn database(&self) -> Option<&str> {
+        let startup = self.postgres()?;
+        startup.database.as_deref().or(startup.user.as_deref())
+    }
+
+    /// The PostgreSQL `application_name` startup parameter, if the client sent one.
+    pub fn application_name(&self) -> Option<&str> {
+        self.postgres()?.application_name.as_deref()
+    }
+
+    /// A PostgreSQL startup parameter by name (`"options"`, `"replication"`, `"user"`,
+    /// ...), as the client sent it; `None` if absent or on other protocols.
+    pub fn startup_parameter(&self, name: &str) -> Option<&str> {
+        let startup = self.postgres()?;
+        match name {
+            "user" => startup.user.as_deref(),
+            "database" => startup.database.as_deref(),
+            "application_name" => startup.application_name.as_deref(),
+            _ => startup
+                .parameters
+                .iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.as_str()),
+        }
+    }
+
+    /// Every PostgreSQL startup parameter the client sent: `user`, `database` and
+    /// `application_name` first (those present), then the others in the order sent.
+    /// Empty on other protocols.
+    pub fn startup_parameters(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.postgres().into_iter().flat_map(|startup| {
+            let named = [
+                ("user", &startup.user),
+                ("database", &startup.database),
+                ("application_name", &startup.application_name),
+            ];
+            // The named three are skipped in `parameters` should a host repeat them there.
+            let others = startup
+                .parameters
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "user" | "database" | "application_name"))
+                .map(|(k, v)| (k.as_str(), v.as_str()));
+            named
+                .into_iter()
+                .filter_map(|(key, value)| Some((key, value.as_deref()?)))
+                .chain(others)
+        })
+    }
+
+    fn postgres(&self) -> Option<&wit::PostgresStartup> {
+        self.info.postgres.as_ref()
+    }
+}
+
+impl From<wit::ConnectInfo> for Connection {
+    fn from(info: wit::ConnectInfo) -> Self {
+        Connection { info }
+    }
+}
+
+/// How a connection ended, as [`Closed::outcome`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The bytes flowed until one side closed.
+    Completed,
+    /// A plugin, or the `on_error` policy of a failed plugin, refused it.
+    Denied,
+    /// No endpoint of the chosen upstream could be reached within the retry budget.
+    UpstreamUnreachable,
+    /// Closed after the listener's `idle_timeout` without traffic.
+    IdleTimeout,
+    /// Any other failure (bad preamble, TLS error, reset, drain timeout).
+    Error,
+}
+
+impl Outcome {
+    /// `"completed"`, `"denied"`, `"upstream_unreachable"`, `"idle_timeout"` or
+    /// `"error"`: a stable name for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Denied => "denied",
+            Outcome::UpstreamUnreachable => "upstream_unreachable",
+            Outcome::IdleTimeout => "idle_timeout",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A finished connection, as [`Plugin::on_close`](crate::Plugin::on_close) sees it.
+#[derive(Debug, Clone)]
+pub struct Closed {
+    info: wit::CloseInfo,
+}
+
+/// Building values by hand, for a plugin's unit tests (the host builds the real ones):
+///
+/// ```
+/// use std::time::Duration;
+/// use wasmbassador_sdk::{Closed, Outcome};
+/// let closed = Closed::new("orders-db", "10.1.2.3:50000", Outcome::Completed)
+///     .with_upstream("orders", Some("10.9.0.1:5432"))
+///     .with_bytes(120, 4096)
+///     .with_duration(Duration::from_millis(15))
+///     .with_postgres(Some("app"), Some("orders"));
+/// assert_eq!(closed.bytes_to_client(), 4096);
+/// ```
+impl Closed {
+    /// A connection to `listener` from `client_addr` that ended with `outcome`, with no
+    /// upstream, no bytes, no duration and no PostgreSQL user or database.
+    pub fn new(listener: &str, client_addr: &str, outcome: Outcome) -> Closed {
+        let outcome = match outcome {
+            Outcome::Completed => wit::Outcome::Completed,
+            Outcome::Denied => wit::Outcome::Denied,
+            Outcome::UpstreamUnreachable => wit::Outcome::UpstreamUnreachable,
+            Outcome::IdleTimeout => wit::Outcome::IdleTimeout,
+            Outcome::Error => wit::Outcome::Error,
+        };
+        Closed {
+            info: wit::CloseInfo {
+                listener: listener.to_owned(),
+                client_addr: client_addr.to_owned(),
+                upstream: None,
+                endpoint: None,
+                bytes_to_upstream: 0,
+                bytes_to_client: 0,
+                duration_ns: 0,
+                outcome,
+                user: None,
+                database: None,
+            },
+        }
+    }
+
+    /// Sets the upstream and the endpoint that served the connection.
+    pub fn with_upstream(mut self, upstream: &str, endpoint: Option<&str>) -> Closed {
+        self.info.upstream = Some(upstream.to_owned());
+        self.info.endpoint = endpoint.map(str::to_owned);
+        self
+    }
+
+    /// Sets the byte counts.
+    pub fn with_bytes(mut self, to_upstream: u64, to_client: u64) -> Closed {
+        self.info.bytes_to_upstream = to_upstream;
+        self.info.bytes_to_client = to_client;
+        self
+    }
+
+    /// Sets the duration (saturating at about 584 years).
+    pub fn with_duration(mut self, duration: Duration) -> Closed {
+        self.info.duration_ns = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        self
+    }
+
+    /// Sets the PostgreSQL user and database.
+    pub fn with_postgres(mut self, user: Option<&str>, database: Option<&str>) -> Closed {
+        self.info.user = user.map(str::to_owned);
+        self.info.database = database.map(str::to_owned);
+        self
+    }
+}
+
+impl Closed {
+    /// The name of the listener that accepted the connection.
+    pub fn listener(&self) -> &str {
+        &self.info.listener
+    }
+
+    /// The client's address, `ip:port` (`[ip]:port` for IPv6).
+    pub fn client_addr(&self) -> &str {
+        &self.info.client_addr
+    }
+
+    /// The client's IP address, IPv4-mapped addresses as IPv4 (see
+    /// [`Connection::client_ip`]).
+    pub fn client_ip(&self) -> Option<IpAddr> {
+        parse_ip(&self.info.client_addr)
+    }
+
+    /// The upstream the connection was sent to; `None` if it was refused before one was
+    /// chosen.
+    pub fn upstream(&self) -> Option<&str> {
+        self.info.upstream.as_deref()
+    }
+
+    /// The address of the endpoint that served it (`endpoint.address`); `None` if no
+    /// endpoint was connected.
+    pub fn endpoint(&self) -> Option<&str> {
+        self.info.endpoint.as_deref()
+    }
+
+    /// Bytes forwarded from the client to the upstream.
+    pub fn bytes_to_upstream(&self) -> u64 {
+        self.info.bytes_to_upstream
+    }
+
+    /// Bytes forwarded from the upstream to the client.
+    pub fn bytes_to_client(&self) -> u64 {
+        self.info.bytes_to_client
+    }
+
+    /// Time from accept to close.
+    pub fn duration(&self) -> Duration {
+        Duration::from_nanos(self.info.duration_ns)
+    }
+
+    /// How the connection ended.
+    pub fn outcome(&self) -> Outcome {
+        match self.info.outcome {
+            wit::Outcome::Completed => Outcome::Completed,
+            wit::Outcome::Denied => Outcome::Denied,
+            wit::Outcome::UpstreamUnreachable => Outcome::UpstreamUnreachable,
+            wit::Outcome::IdleTimeout => Outcome::IdleTimeout,
+            wit::Outcome::Error => Outcome::Error,
+        }
+    }
+
+    /// The PostgreSQL `user` startup parameter, if any.
+    pub fn db_user(&self) -> Option<&str> {
+        self.info.user.as_deref()
+    }
+
+    /// The PostgreSQL `database` startup parameter as sent (unlike
+    /// [`Connection::database`], not defaulted to the user name).
+    pub fn database(&self) -> Option<&str> {
+        self.info.database.as_deref()
+    }
+}
+
+impl From<wit::CloseInfo> for Closed {
+    fn from(info: wit::CloseInfo) -> Self {
+        Closed { info }
+    }
+}
+
+fn parse_ip(addr: &str) -> Option<IpAddr> {
+    let ip = match addr.parse::<SocketAddr>() {
+        Ok(socket) => socket.ip(),
+        // Tolerate a bare address, in case a host ever sends one.
+        Err(_) => addr.parse::<IpAddr>().ok()?,
+    };
+    Some(ip.to_canonical())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ip_is_canonical() {
+        let ip = |a: &str| Connection::new("l", a, "u").client_ip();
+        assert_eq!(ip("10.1.2.3:5555"), Some("10.1.2.3".parse().expect("ip")));
+        assert_eq!(
+            ip("[::ffff:10.1.2.3]:5555"),
+            Some("10.1.2.3".parse().expect("ip"))
+        );
+        assert_eq!(ip("[2001:db8::1]:5555"), Some("2001:db8::1".parse().expect("ip")));
+        assert_eq!(ip("garbage"), None);
+    }
+
+    #[test]
+    fn database_defaults_to_the_user_like_postgres() {
+        let c = Connection::new("l", "10.1.2.3:5555", "u").with_startup(&[("user", "app")]);
+        assert_eq!(c.db_user(), Some("app"));
+        assert_eq!(c.database(), Some("app"));
+        assert_eq!(c.startup_parameter("database"), None);
+
+        let c = Connection::new("l", "10.1.2.3:5555", "u").with_startup(&[
+            ("user", "app"),
+            ("database", "orders"),
+            ("options", "-c x=1"),
+        ]);
+        assert_eq!(c.database(), Some("orders"));
+        assert_eq!(c.startup_parameter("options"), Some("-c x=1"));
+        assert_eq!(
+            c.startup_parameters().collect::<Vec<_>>(),
+            [("user", "app"), ("database", "orders"), ("options", "-c x=1")]
+        );
+
+        let c = Connection::new("l", "10.1.2.3:5555", "u");
+        assert_eq!(
+            (c.db_user(), c.database(), c.protocol()),
+            (None, None, Protocol::Tcp)
+        );
+        assert_eq!(c.startup_parameters().count(), 0);
+    }
+
+    #[test]
+    fn closed_round_trips() {
+        let c = Closed::new("l", "[::1]:9", Outcome::IdleTimeout)
+            .with_duration(Duration::from_millis(3))
+            .with_postgres(Some("app"), None);
+        assert_eq!(c.outcome(), Outcome::IdleTimeout);
+        assert_eq!(c.duration(), Duration::from_millis(3));
+        assert_eq!(c.client_ip(), Some("::1".parse().expect("ip")));
+        assert_eq!(
+            (c.db_user(), c.database(), c.upstream()),
+            (Some("app"), None, None)
+        );
+    }
+}

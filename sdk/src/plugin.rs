@@ -1,0 +1,62 @@
+//! The [`Plugin`] trait: the hooks a plugin implements.
+
+use crate::{Closed, Config, Connection, Verdict};
+
+/// A wasmbassador plugin. Every method has a default that does nothing in the way, so a
+/// plugin implements only the hooks it needs; [`export_plugin!`](crate::export_plugin)
+/// makes the type the component's exports.
+///
+/// The hooks run in this order for one instance: [`init`](Plugin::init) once, then for
+/// each connection [`on_connect`](Plugin::on_connect) and, after it closed,
+/// [`on_close`](Plugin::on_close). See the [crate documentation](crate) for the table of
+/// hooks and what the host does on errors and timeouts.
+///
+/// `on_connect` and `on_close` take `&self`: state that changes while serving
+/// connections lives in a [`Cell`](std::cell::Cell) or [`RefCell`](std::cell::RefCell)
+/// (a component instance is single-threaded, so nothing needs to be `Sync`).
+pub trait Plugin: 'static {
+    /// Runs once per instance, before any other hook, with the plugin's `config` table
+    /// from the host config. Check it here (usually with [`Config::parse`]) and keep what
+    /// the other hooks need; declare [metrics](crate::metrics) here too.
+    ///
+    /// Return `Err` with a reason that names the bad entry to refuse the plugin: at
+    /// startup the host exits with that reason, during a hot swap it keeps the previous
+    /// version and reports the reason in its log and at `/plugins`. A panic or a timeout
+    /// counts the same as `Err`.
+    ///
+    /// Default: accepts any config and does nothing.
+    fn init(&mut self, config: &Config) -> Result<(), String> {
+        let _ = config;
+        Ok(())
+    }
+
+    /// Runs for each new client connection on a listener that lists this plugin, in the
+    /// listener's `plugins` order, after the protocol preamble (the PostgreSQL startup
+    /// message) was read and before any upstream is contacted. Return
+    ///
+    /// - [`Verdict::Allow`] for no objection (the chain goes on),
+    /// - [`Verdict::deny`] to refuse the connection (the chain stops; a PostgreSQL client
+    ///   sees the reason, so keep secrets out of it),
+    /// - [`Verdict::route_upstream`] or [`Verdict::route_tag`] to choose where it goes (the
+    ///   chain goes on; a later route replaces this one).
+    ///
+    /// If it panics, runs past the plugin's `timeout` or exceeds its `memory`, the
+    /// plugin's `on_error` policy answers instead (`deny` by default).
+    ///
+    /// Default: [`Verdict::Allow`].
+    fn on_connect(&self, connection: &Connection) -> Verdict {
+        let _ = connection;
+        Verdict::Allow
+    }
+
+    /// Runs once for each connection on which this instance's `on_connect` ran, whatever
+    /// the verdict, after both sides closed: byte counts, duration, the endpoint used and
+    /// the [`Outcome`](crate::Outcome). It runs off the byte path, so it may log and count
+    /// freely. A panic or timeout here is counted and logged by the host; nothing else
+    /// happens.
+    ///
+    /// Default: does nothing.
+    fn on_close(&self, closed: &Closed) {
+        let _ = closed;
+    }
+}
