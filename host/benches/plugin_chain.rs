@@ -1,0 +1,764 @@
+//! Benchmark of the plugin chain (issue 3), not a test: it asserts nothing about speed
+//! and prints Markdown tables.
+//!
+//! (a) **Chain cost in-process**: the same [`Chain`] the listener builds for every
+//!     connection, over 0, 1 and 3 real plugins (allow-list, route-by-database,
+//!     access-log, built from `plugins/`), timing `Chain::new` + `on_connect` +
+//!     `on_close` per connection with the production instance reuse; on one thread and
+//!     on two threads at once.
+//! (b) **New connections per second** through a running release `wasmbassador`
+//!     (`tcp` listeners with 0, 1 and 3 plugins, in one process, one run) in front of
+//!     a tokio echo server in this process, next to a direct connection; a fixed number
+//!     of connections per round from a few concurrent client tasks, rounds interleaved.
+//! (c) **Swap latency**: time from renaming a new `.wasm` over the old one in the
+//!     watched folder to `/plugins` showing the new generation, and to the first new
+//!     connection that shows the new behaviour (allow-all and deny-all alternate).
+//!
+//! Run: `cargo bench -p wasmbassador --bench plugin_chain` (or `bash bench/plugins.sh`).
+//! Knobs (environment): `CHAIN_CONNS` (per batch, default 20000), `LISTENER_CONNS`
+//! (per round, default 2000), `LISTENER_ROUNDS` (default 5), `CLIENTS` (concurrent
+//! client tasks, default 4), `SWAPS` (default 10). A first argument `chain`,
+//! `listener` or `swap` runs only that part.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use wasmbassador::config::Config;
+use wasmbassador::metrics::Metrics;
+use wasmbassador::plugin::chain::{Chain, Decision};
+use wasmbassador::plugin::{
+    CloseInfo, ConnectInfo, Outcome, PluginMap, PluginShared, PostgresStartup, Protocol, load_slot,
+};
+
+/// The release binary cargo built for this bench.
+const BIN: &str = env!("CARGO_BIN_EXE_wasmbassador");
+
+/// Every part of the bench stops within these bounds even on a loaded machine.
+const CHAIN_TIME_BOUND: Duration = Duration::from_secs(20);
+const ROUND_TIME_BOUND: Duration = Duration::from_secs(30);
+const SWAP_TIME_BOUND: Duration = Duration::from_secs(5);
+
+const PING: &[u8; 8] = b"ping-42\n";
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ has a parent")
+        .to_path_buf()
+}
+
+/// Builds every plugin with the documented command and returns the output folder.
+fn build_plugins() -> PathBuf {
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(t) => PathBuf::from(t).join("wasm-plugins"),
+        None => repo().join("plugins/target"),
+    };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("building the plugins (cargo build --target wasm32-wasip2 --release) ...");
+    let status = Command::new(cargo)
+        .arg("build")
+        .arg("--manifest-path")
+        .arg(repo().join("plugins/Cargo.toml"))
+        .args(["--target", "wasm32-wasip2", "--release", "--locked", "--quiet"])
+        .arg("--target-dir")
+        .arg(&target)
+        .current_dir(repo())
+        .status()
+        .expect("running cargo to build the plugins");
+    assert!(
+        status.success(),
+        "building the plugins failed (rustup target add wasm32-wasip2?)"
+    );
+    target.join("wasm32-wasip2/release")
+}
+
+fn wasm(dir: &Path, name: &str) -> PathBuf {
+    let f = dir.join(format!("{}.wasm", name.replace('-', "_")));
+    assert!(f.is_file(), "{} was not built", f.display());
+    f
+}
+
+fn toml_path(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e6)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0}", d.as_secs_f64() * 1e3)
+}
+
+// ---------------------------------------------------------------------------------
+// (a) the chain in-process
+// ---------------------------------------------------------------------------------
+
+/// The three real plugins, configured as for a `postgres` listener.
+fn chain_plugins(dir: &Path) -> PluginMap {
+    let text = format!(
+        r#"
+[[listener]]
+name = "pg"
+listen = "127.0.0.1:0"
+protocol = "postgres"
+upstream = "main"
+plugins = ["allow-list", "route-by-database", "access-log"]
+
+[[upstream]]
+name = "main"
+  [[upstream.endpoint]]
+  address = "127.0.0.1:1"
+
+[[upstream]]
+name = "orders"
+  [[upstream.endpoint]]
+  address = "127.0.0.1:2"
+
+[[plugin]]
+name = "allow-list"
+path = {allow}
+timeout = "5ms"
+config = {{ users = ["app"], clients = ["127.0.0.0/8", "::1/128"] }}
+
+[[plugin]]
+name = "route-by-database"
+path = {route}
+config = {{ routes = {{ orders = "orders", reporting = "tag:replica" }} }}
+
+[[plugin]]
+name = "access-log"
+path = {log}
+on_error = "allow"
+"#,
+        allow = toml_path(&wasm(dir, "allow-list")),
+        route = toml_path(&wasm(dir, "route-by-database")),
+        log = toml_path(&wasm(dir, "access-log")),
+    );
+    let config = Config::parse(&text, "bench").expect("the bench config is valid");
+    let metrics = Arc::new(Metrics::new());
+    let shared = PluginShared {
+        plugin_metrics: metrics.plugin_metrics.clone(),
+        metrics,
+    };
+    config
+        .plugins
+        .iter()
+        .map(|p| {
+            let slot = load_slot(p, &shared, None).unwrap_or_else(|e| panic!("{e}"));
+            (p.name.clone(), slot)
+        })
+        .collect()
+}
+
+/// One connection's worth of plugin work, as `listener.rs` does it: take the chain,
+/// build the hook arguments, `on-connect`, and `on-close` after the session.
+fn one_connection(plugins: &ArcSwap<PluginMap>, names: &[String], peer: SocketAddr) -> bool {
+    let mut chain = Chain::new(&plugins.load(), names);
+    if chain.is_empty() {
+        return true;
+    }
+    let info = ConnectInfo {
+        listener: "pg".to_string(),
+        protocol: Protocol::Postgres,
+        client_addr: peer.to_string(),
+        upstream: "main".to_string(),
+        postgres: Some(PostgresStartup {
+            user: Some("app".to_string()),
+            database: Some("orders".to_string()),
+            application_name: Some("bench".to_string()),
+            parameters: vec![("client_encoding".to_string(), "UTF8".to_string())],
+        }),
+    };
+    let allowed = matches!(black_box(chain.on_connect(&info)), Decision::Allow { .. });
+    let close = CloseInfo {
+        listener: "pg".to_string(),
+        client_addr: peer.to_string(),
+        upstream: Some("orders".to_string()),
+        endpoint: Some("127.0.0.1:2".to_string()),
+        bytes_to_upstream: 310,
+        bytes_to_client: 5120,
+        duration_ns: 12_345_678,
+        outcome: Outcome::Completed,
+        user: Some("app".to_string()),
+        database: Some("orders".to_string()),
+    };
+    chain.on_close(&close);
+    allowed
+}
+
+struct ChainRow {
+    label: String,
+    one_thread_ns: f64,
+    two_threads_ns: f64,
+}
+
+/// Median ns per connection over batches of `per_batch` on `threads` threads at once
+/// (each thread does `per_batch`; the figure is per connection on one thread).
+fn time_chain(plugins: &Arc<ArcSwap<PluginMap>>, names: &[String], per_batch: usize, threads: usize) -> f64 {
+    let peer: SocketAddr = "127.0.0.1:50412".parse().expect("address");
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    for batch in 0..8 {
+        let results: Vec<f64> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        let t = Instant::now();
+                        for _ in 0..per_batch {
+                            assert!(one_connection(plugins, names, peer), "the bench chain denied");
+                        }
+                        t.elapsed().as_nanos() as f64 / per_batch as f64
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("bench thread"))
+                .collect()
+        });
+        // The first batch warms caches and instance lists.
+        if batch > 0 {
+            samples.extend(results);
+        }
+        if started.elapsed() > CHAIN_TIME_BOUND {
+            break;
+        }
+    }
+    median(&mut samples)
+}
+
+fn chain_bench(dir: &Path) -> Vec<ChainRow> {
+    let plugins = Arc::new(ArcSwap::from_pointee(chain_plugins(dir)));
+    let per_batch = env_usize("CHAIN_CONNS", 20_000);
+    let chains: [(&str, &[&str]); 5] = [
+        ("0 plugins", &[]),
+        ("1 plugin (allow-list)", &["allow-list"]),
+        (
+            "3 plugins (allow-list, route-by-database, access-log)",
+            &["allow-list", "route-by-database", "access-log"],
+        ),
+        ("route-by-database alone", &["route-by-database"]),
+        (
+            "access-log alone (on-connect is the default pass)",
+            &["access-log"],
+        ),
+    ];
+    chains
+        .iter()
+        .map(|(label, names)| {
+            let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+            let row = ChainRow {
+                label: label.to_string(),
+                one_thread_ns: time_chain(&plugins, &names, per_batch, 1),
+                two_threads_ns: time_chain(&plugins, &names, per_batch, 2),
+            };
+            eprintln!(
+                "chain {label}: {:.0} ns / {:.0} ns",
+                row.one_thread_ns, row.two_threads_ns
+            );
+            row
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------
+// (b) connections through a running ambassador, and (c) swaps
+// ---------------------------------------------------------------------------------
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Reads 8 bytes, writes them back, closes (the server closes first, so no client
+/// port lingers in TIME_WAIT).
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("echo addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let mut buf = [0u8; 8];
+                if s.read_exact(&mut buf).await.is_ok() {
+                    let _ = s.write_all(&buf).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One client connection: connect, send 8 bytes, read until the close. `Ok(true)`
+/// when the 8 bytes came back, `Ok(false)` when the connection was closed without
+/// them (a plugin denied it).
+async fn ping(addr: SocketAddr) -> std::io::Result<bool> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    s.write_all(PING).await?;
+    let mut buf = Vec::with_capacity(16);
+    match s.read_to_end(&mut buf).await {
+        Ok(_) => Ok(buf == PING),
+        // A denied connection may end with a reset rather than a FIN.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+struct Ambassador {
+    child: Child,
+    admin: SocketAddr,
+    listeners: HashMap<&'static str, SocketAddr>,
+    swap_file: PathBuf,
+    staging: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Ambassador {
+    fn drop(&mut self) {
+        // Our own child, by its PID.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// Starts the release binary with four `tcp` listeners to `echo`: `p0`, `p1`, `p3`
+/// (0, 1, 3 plugins) and `swap` (one plugin whose file the swap part replaces).
+async fn start_ambassador(dir: &Path, echo: SocketAddr) -> Ambassador {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let chain_dir = tmp.path().join("chain");
+    let swap_dir = tmp.path().join("swap");
+    let staging = tmp.path().join("staging");
+    for d in [&chain_dir, &swap_dir, &staging] {
+        std::fs::create_dir(d).expect("mkdir");
+    }
+    for p in ["allow-list", "route-by-database", "access-log"] {
+        let src = wasm(dir, p);
+        std::fs::copy(&src, chain_dir.join(src.file_name().expect("name"))).expect("copy plugin");
+    }
+    let swap_file = swap_dir.join("swap.wasm");
+    std::fs::copy(wasm(dir, "allow-all"), &swap_file).expect("copy plugin");
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let mut listeners = HashMap::new();
+    let mut listener_toml = String::new();
+    for (name, plugins) in [
+        ("p0", "[]"),
+        ("p1", r#"["allow-list"]"#),
+        ("p3", r#"["allow-list", "route-by-database", "access-log"]"#),
+        ("swap", r#"["swap"]"#),
+    ] {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        listeners.insert(name, addr);
+        listener_toml.push_str(&format!(
+            "[[listener]]\nname = \"{name}\"\nlisten = \"{addr}\"\nprotocol = \"tcp\"\nupstream = \"echo\"\nplugins = {plugins}\n\n"
+        ));
+    }
+    let config = format!(
+        r#"
+[admin]
+listen = "{admin}"
+
+{listener_toml}
+[[upstream]]
+name = "echo"
+  [[upstream.endpoint]]
+  address = "{echo}"
+
+# On a tcp listener there is no user or database: allow-list checks the client address
+# and route-by-database applies its default (the same upstream), so each plugin runs
+# its real code path and the connection still reaches the echo server.
+[[plugin]]
+name = "allow-list"
+path = {allow}
+timeout = "5ms"
+config = {{ clients = ["127.0.0.0/8", "::1/128"] }}
+
+[[plugin]]
+name = "route-by-database"
+path = {route}
+config = {{ routes = {{ orders = "orders" }}, default = "echo" }}
+
+[[plugin]]
+name = "access-log"
+path = {log}
+on_error = "allow"
+
+[[plugin]]
+name = "swap"
+path = {swap}
+config = {{ version = "bench" }}
+"#,
+        allow = toml_path(&chain_dir.join("allow_list.wasm")),
+        route = toml_path(&chain_dir.join("route_by_database.wasm")),
+        log = toml_path(&chain_dir.join("access_log.wasm")),
+        swap = toml_path(&swap_file),
+    );
+    let config_path = tmp.path().join("wasmbassador.toml");
+    std::fs::write(&config_path, config).expect("write config");
+    // The access log goes to a real file, as it would in production (to a pipe).
+    let log = std::fs::File::create(tmp.path().join("wasmbassador.log")).expect("log file");
+    let child = Command::new(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&config_path)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {BIN}: {e}"));
+    let amb = Ambassador {
+        child,
+        admin,
+        listeners,
+        swap_file,
+        staging,
+        _dir: tmp,
+    };
+    let started = Instant::now();
+    loop {
+        if let Ok((200, _)) = http_get(admin, "/startup").await {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "wasmbassador did not start; its log:\n{}",
+            std::fs::read_to_string(amb._dir.path().join("wasmbassador.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    amb
+}
+
+struct Round {
+    conns: usize,
+    failed: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+/// `n` connections to `addr` from `clients` concurrent tasks (bounded in count and
+/// time).
+async fn round(addr: SocketAddr, n: usize, clients: usize) -> Round {
+    let next = Arc::new(AtomicUsize::new(0));
+    let deadline = Instant::now() + ROUND_TIME_BOUND;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let next = next.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(n / clients + 1);
+                let mut failed = 0;
+                while next.fetch_add(1, Ordering::Relaxed) < n && Instant::now() < deadline {
+                    let t = Instant::now();
+                    match tokio::time::timeout(Duration::from_secs(5), ping(addr)).await {
+                        Ok(Ok(true)) => lat.push(t.elapsed()),
+                        _ => failed += 1,
+                    }
+                }
+                (lat, failed)
+            })
+        })
+        .collect();
+    let mut out = Round {
+        conns: 0,
+        failed: 0,
+        elapsed: Duration::ZERO,
+        latencies: Vec::new(),
+    };
+    for t in tasks {
+        let (lat, failed) = t.await.expect("client task");
+        out.latencies.extend(lat);
+        out.failed += failed;
+    }
+    out.elapsed = started.elapsed();
+    out.conns = out.latencies.len();
+    out
+}
+
+struct ListenerRow {
+    label: &'static str,
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    failed: usize,
+    conns: usize,
+}
+
+async fn listener_bench(amb: &Ambassador, echo: SocketAddr) -> Vec<ListenerRow> {
+    let n = env_usize("LISTENER_CONNS", 2000);
+    let rounds = env_usize("LISTENER_ROUNDS", 5);
+    let clients = env_usize("CLIENTS", 4).max(1);
+    let targets: [(&'static str, SocketAddr); 4] = [
+        ("direct (no proxy)", echo),
+        ("wasmbassador, 0 plugins", amb.listeners["p0"]),
+        ("wasmbassador, 1 plugin", amb.listeners["p1"]),
+        ("wasmbassador, 3 plugins", amb.listeners["p3"]),
+    ];
+    // Warm-up: instances, allocator, page cache.
+    for (_, addr) in &targets {
+        round(*addr, n / 4, clients).await;
+    }
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    let mut lats: Vec<Vec<Duration>> = vec![Vec::new(); targets.len()];
+    let mut failed = vec![0; targets.len()];
+    let mut conns = vec![0; targets.len()];
+    for r in 0..rounds {
+        // Interleaved, and the order rotates, so drift on a shared machine hits all.
+        for k in 0..targets.len() {
+            let i = (k + r) % targets.len();
+            let res = round(targets[i].1, n, clients).await;
+            rates[i].push(res.conns as f64 / res.elapsed.as_secs_f64());
+            lats[i].extend(res.latencies);
+            failed[i] += res.failed;
+            conns[i] += res.conns;
+        }
+        eprintln!("listener round {}/{rounds} done", r + 1);
+    }
+    targets
+        .iter()
+        .enumerate()
+        .map(|(i, (label, _))| {
+            lats[i].sort();
+            ListenerRow {
+                label,
+                rate: median(&mut rates[i]),
+                p50: percentile(&lats[i], 0.5),
+                p99: percentile(&lats[i], 0.99),
+                failed: failed[i],
+                conns: conns[i],
+            }
+        })
+        .collect()
+}
+
+async fn swap_generation(admin: SocketAddr) -> Option<u64> {
+    let (code, body) = http_get(admin, "/plugins").await.ok()?;
+    if code != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let list = v
+        .as_array()
+        .or_else(|| v.get("plugins").and_then(|p| p.as_array()))?;
+    list.iter()
+        .find(|p| p["name"] == "swap")
+        .and_then(|p| p["generation"].as_u64())
+}
+
+struct SwapResult {
+    to_generation: Vec<Duration>,
+    to_serving: Vec<Duration>,
+    missed: usize,
+}
+
+async fn swap_bench(amb: &Ambassador, dir: &Path) -> SwapResult {
+    let swaps = env_usize("SWAPS", 10);
+    let allow = std::fs::read(wasm(dir, "allow-all")).expect("read allow-all");
+    let deny = std::fs::read(wasm(dir, "deny-all")).expect("read deny-all");
+    let addr = amb.listeners["swap"];
+    let mut out = SwapResult {
+        to_generation: Vec::new(),
+        to_serving: Vec::new(),
+        missed: 0,
+    };
+    let mut generation = swap_generation(amb.admin)
+        .await
+        .expect("/plugins lists the swap plugin");
+    assert!(
+        ping(addr).await.expect("swap listener"),
+        "allow-all serves at first"
+    );
+    for i in 0..swaps {
+        // Even swaps bring deny-all, odd ones allow-all back.
+        let (bytes, allowed_after) = if i % 2 == 0 {
+            (&deny, false)
+        } else {
+            (&allow, true)
+        };
+        let staged = amb.staging.join("swap.wasm");
+        std::fs::write(&staged, bytes).expect("stage");
+        // Let any earlier events settle (debounce is 100 ms).
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let t0 = Instant::now();
+        std::fs::rename(&staged, &amb.swap_file).expect("rename over the plugin");
+        let (mut seen_gen, mut seen_serving) = (None, None);
+        while (seen_gen.is_none() || seen_serving.is_none()) && t0.elapsed() < SWAP_TIME_BOUND {
+            let allowed = matches!(ping(addr).await, Ok(true));
+            if seen_serving.is_none() && allowed == allowed_after {
+                seen_serving = Some(t0.elapsed());
+            }
+            if seen_gen.is_none() && swap_generation(amb.admin).await.is_some_and(|g| g > generation) {
+                seen_gen = Some(t0.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        match (seen_gen, seen_serving) {
+            (Some(g), Some(s)) => {
+                out.to_generation.push(g);
+                out.to_serving.push(s);
+                generation += 1;
+            }
+            _ => {
+                out.missed += 1;
+                generation = swap_generation(amb.admin).await.unwrap_or(generation);
+            }
+        }
+        eprintln!(
+            "swap {}/{swaps}: generation {seen_gen:?}, serving {seen_serving:?}",
+            i + 1
+        );
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------
+
+fn main() {
+    // `cargo bench` passes `--bench`; a bare word selects one part.
+    let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    let dir = build_plugins();
+    let mut report = String::new();
+
+    if run("chain") {
+        let rows = chain_bench(&dir);
+        let base1 = rows[0].one_thread_ns;
+        let base2 = rows[0].two_threads_ns;
+        report.push_str("### (a) Chain cost per connection, in-process\n\n");
+        report.push_str(
+            "`Chain::new` + hook arguments + `on-connect` + `on-close`, reused instances, \
+             postgres-style connection (user `app`, database `orders`).\n\n",
+        );
+        report.push_str("| chain | ns/connection, 1 thread | added by plugins | ns/connection, 2 threads at once | added by plugins |\n|---|---:|---:|---:|---:|\n");
+        for r in &rows {
+            report.push_str(&format!(
+                "| {} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+                r.label,
+                r.one_thread_ns,
+                r.one_thread_ns - base1,
+                r.two_threads_ns,
+                r.two_threads_ns - base2
+            ));
+        }
+        report.push('\n');
+    }
+
+    if run("listener") || run("swap") {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let echo = echo_server().await;
+            let amb = start_ambassador(&dir, echo).await;
+            if run("listener") {
+                let rows = listener_bench(&amb, echo).await;
+                let direct = rows[0].rate;
+                let p0 = rows[1].rate;
+                report.push_str(&format!(
+                    "### (b) New connections through a running wasmbassador (tcp listener, release build)\n\n\
+                     {} rounds × {} connections per target, {} concurrent clients, rounds interleaved; \
+                     each connection: connect, 8 bytes each way, close. Rate = median of rounds; \
+                     latency = connect to close, over all rounds.\n\n",
+                    env_usize("LISTENER_ROUNDS", 5),
+                    env_usize("LISTENER_CONNS", 2000),
+                    env_usize("CLIENTS", 4).max(1),
+                ));
+                report.push_str("| target | connections/s | vs direct | vs 0 plugins | p50 µs | p99 µs | failed |\n|---|---:|---:|---:|---:|---:|---:|\n");
+                for r in &rows {
+                    report.push_str(&format!(
+                        "| {} | {:.0} | {:.2} | {} | {} | {} | {} of {} |\n",
+                        r.label,
+                        r.rate,
+                        r.rate / direct,
+                        if r.label.starts_with("direct") { "—".to_string() } else { format!("{:.3}", r.rate / p0) },
+                        us(r.p50),
+                        us(r.p99),
+                        r.failed,
+                        r.conns + r.failed
+                    ));
+                }
+                report.push('\n');
+            }
+            if run("swap") {
+                let mut s = swap_bench(&amb, &dir).await;
+                s.to_generation.sort();
+                s.to_serving.sort();
+                report.push_str(&format!(
+                    "### (c) Hot swap latency ({} swaps, allow-all ⇄ deny-all, renamed into the watched folder)\n\n",
+                    s.to_generation.len() + s.missed
+                ));
+                report.push_str("| from rename to | min ms | median ms | max ms |\n|---|---:|---:|---:|\n");
+                for (label, v) in [
+                    ("`/plugins` shows the new generation", &s.to_generation),
+                    ("a new connection gets the new behaviour", &s.to_serving),
+                ] {
+                    report.push_str(&format!(
+                        "| {label} | {} | {} | {} |\n",
+                        ms(percentile(v, 0.0)),
+                        ms(percentile(v, 0.5)),
+                        ms(percentile(v, 1.0))
+                    ));
+                }
+                if s.missed > 0 {
+                    report.push_str(&format!("\n{} swap(s) not seen within {:?}.\n", s.missed, SWAP_TIME_BOUND));
+                }
+                report.push('\n');
+            }
+            drop(amb);
+        });
+    }
+    println!("{report}");
+}
