@@ -7,7 +7,7 @@
 # - wasmbassador RSS idle and with 1,000 open connections (HAProxy's too, for scale)
 #
 # Usage: bash bench/run.sh            (needs: .ci/run once, for the packages)
-# Knobs: SECONDS_PER_RUN=10 CLIENTS=8 CONNS=1000
+# Knobs: SECONDS_PER_RUN=10 CLIENTS=8 CONNS=1000 WB_BIN=path/to/wasmbassador
 # Prints a Markdown table; nothing is asserted (this is a benchmark, not a test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +18,11 @@ CONNS=${CONNS:-1000}
 PGBIN=/usr/lib/postgresql/15/bin
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/wasmbassador/target}"
 
-cargo build --release --locked -p wasmbassador >&2
-WB="$CARGO_TARGET_DIR/release/wasmbassador"
+# WB_BIN=path skips the build (for a binary built just before).
+if [ -z "${WB_BIN:-}" ]; then
+  cargo build --release --locked -p wasmbassador >&2
+fi
+WB="${WB_BIN:-$CARGO_TARGET_DIR/release/wasmbassador}"
 
 WORK=$(mktemp -d /tmp/wasmbassador-bench.XXXXXX)
 chmod 755 "$WORK"
@@ -119,7 +122,7 @@ EOF
 RUST_LOG=warn "$WB" run --config "$WORK/wb.toml" 2>"$WORK/wb.log" &
 WB_PID=$!
 PIDS+=($WB_PID)
-wait_port "$W_PG"
+wait_port "$W_PG" || { cat "$WORK/wb.log" >&2; exit 1; }
 
 # --- HAProxy ------------------------------------------------------------------------
 HAVE_HA=0
@@ -128,7 +131,7 @@ if command -v haproxy >/dev/null; then
   H_IPERF=$(free_port); H_PG=$(free_port); H_REDIS=$(free_port)
   cat >"$WORK/haproxy.cfg" <<EOF
 global
-  maxconn 20000
+  maxconn 5000
 defaults
   mode tcp
   timeout connect 5s
@@ -147,7 +150,7 @@ EOF
   haproxy -f "$WORK/haproxy.cfg" -db >/dev/null 2>&1 &
   HA_PID=$!
   PIDS+=($HA_PID)
-  wait_port "$H_PG"
+  wait_port "$H_PG" || { echo "haproxy did not start" >&2; exit 1; }
 fi
 
 WB_IDLE_RSS=$(rss_kib "$WB_PID")

@@ -803,6 +803,9 @@ impl Checker<'_> {
             if p.timeout.is_zero() {
                 report(&label, Some("timeout"), "must be more than 0s".into());
             }
+            if p.memory < (1 << 20) || p.memory > crate::plugin::engine::MAX_PLUGIN_MEMORY {
+                report(&label, Some("memory"), "must be between 1MiB and 1GiB".into());
+            }
         }
         for (label, key, path, message) in problems {
             let line = self.at(doc, &label, key.as_deref());

@@ -10,9 +10,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::postgres::KeyWatcher;
 
-/// Buffer per direction; large enough for bulk throughput, small enough that a
-/// thousand idle connections stay cheap.
-const BUF: usize = 16 * 1024;
+/// Buffer per direction at first: small, so that a thousand quiet connections stay
+/// cheap.
+const BUF_START: usize = 16 * 1024;
+/// A direction whose reads keep filling the buffer is bulk traffic; its buffer grows
+/// up to this, so that bulk data moves in fewer, larger system calls.
+const BUF_MAX: usize = 256 * 1024;
 
 /// How a forwarded connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,7 +130,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; BUF];
+    let mut buf = vec![0u8; BUF_START];
     // The watcher holds the session's cancel registration; it must live as long as
     // the session, so it is kept here until this direction ends.
     loop {
@@ -142,6 +145,9 @@ where
         }
         w.write_all(&buf[..n]).await?;
         w.flush().await?;
+        if n == buf.len() && buf.len() < BUF_MAX {
+            buf.resize(buf.len() * 2, 0);
+        }
         total.fetch_add(n as u64, Ordering::Relaxed);
         counter.inc_by(n as u64);
         last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);

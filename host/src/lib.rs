@@ -17,6 +17,8 @@
 //! - [`ambassador`]: start, reload and drain of the whole.
 //! - [`reload`]: watching the config file.
 //! - [`demo`]: the self-contained demo.
+//! - [`inject`]: `wasmbassador inject`, the native sidecar added to Kubernetes workloads.
+//! - [`probe`]: `wasmbassador probe`, the Kubernetes exec probe against the admin server.
 //!
 //! # Embedding
 //! ```no_run
@@ -34,10 +36,12 @@ pub mod connect;
 pub mod demo;
 pub mod forward;
 pub mod health;
+pub mod inject;
 pub mod listener;
 pub mod metrics;
 pub mod plugin;
 pub mod postgres;
+pub mod probe;
 pub mod reload;
 pub mod tls;
 pub mod upstream;

@@ -57,6 +57,68 @@ enum Command {
         #[arg(long)]
         plugins: Option<PathBuf>,
     },
+    /// Ask the admin server of a running wasmbassador (on loopback) for its startup,
+    /// readiness or liveness: exit 0 on HTTP 200, 1 otherwise, with one line of output.
+    /// Made for Kubernetes exec probes, so that admin can stay on 127.0.0.1.
+    Probe {
+        /// Which endpoint: `startup`, `ready` or `healthz`.
+        #[arg(value_enum)]
+        probe: ProbeKind,
+        /// The admin address; by default `admin.listen` of `--config`, else 127.0.0.1:9901.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// The config file to read `admin.listen` from.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Add the wasmbassador native sidecar to Kubernetes YAML (Pod, Deployment,
+    /// StatefulSet, DaemonSet, Job, CronJob) whose pod template carries the annotation
+    /// `wasmbassador.io/inject: "true"`; writes the result to stdout. Other documents
+    /// pass through unchanged; injecting twice changes nothing.
+    Inject {
+        /// The YAML file; `-` or nothing reads stdin.
+        file: Option<PathBuf>,
+        /// The sidecar image for pods that do not name one (`wasmbassador.io/image`).
+        #[arg(long)]
+        image: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProbeKind {
+    Startup,
+    Ready,
+    Healthz,
+}
+
+/// `wasmbassador probe`: blocking and one-shot, so it runs before any runtime starts.
+fn probe(
+    kind: ProbeKind,
+    admin: Option<SocketAddr>,
+    config: Option<PathBuf>,
+    timeout: std::time::Duration,
+) -> ExitCode {
+    use wasmbassador::probe::{self, Probe};
+    let kind = match kind {
+        ProbeKind::Startup => Probe::Startup,
+        ProbeKind::Ready => Probe::Ready,
+        ProbeKind::Healthz => Probe::Healthz,
+    };
+    let result =
+        probe::admin_address(admin, config.as_deref()).and_then(|addr| probe::check(kind, addr, timeout));
+    match result {
+        Ok(message) => {
+            println!("{}: {message}", kind.path());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("{}: {e}", kind.path());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logs(format: LogFormat) {
@@ -75,6 +137,15 @@ fn init_logs(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Probe {
+        probe: kind,
+        admin,
+        config,
+        timeout,
+    } = cli.command
+    {
+        return probe(kind, admin, config, timeout);
+    }
     init_logs(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
@@ -92,6 +163,8 @@ fn main() -> ExitCode {
                 admin,
                 plugins,
             } => run_demo(listen, admin, plugins).await,
+            Command::Probe { .. } => unreachable!("handled before the runtime starts"),
+            Command::Inject { file, image } => inject(file, image),
         }
     });
     match result {
@@ -101,6 +174,32 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn inject(file: Option<PathBuf>, image: Option<String>) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let (name, text) = match file.filter(|f| f.as_os_str() != "-") {
+        Some(path) => (
+            path.display().to_string(),
+            std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?,
+        ),
+        None => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("cannot read stdin")?;
+            ("stdin".to_string(), text)
+        }
+    };
+    let mut options = wasmbassador::inject::InjectOptions::default();
+    if let Some(image) = image {
+        options.image = image;
+    }
+    let out = wasmbassador::inject::inject_stream(&text, &options).with_context(|| name.clone())?;
+    std::io::stdout()
+        .write_all(out.as_bytes())
+        .context("cannot write stdout")?;
+    Ok(())
 }
 
 fn validate(path: &std::path::Path) -> anyhow::Result<()> {

@@ -22,6 +22,15 @@ const LOG_LINES_PER_SECOND: u32 = 200;
 const MAX_LOG_LINE: usize = 4096;
 /// Distinct label-value sets per plugin metric.
 const MAX_SERIES: usize = 1000;
+/// Names of the host's own `wasmbassador_plugin_*` metrics, which plugins may not reuse.
+const RESERVED: [&str; 6] = [
+    "calls",
+    "failures",
+    "call_duration_seconds",
+    "reloads",
+    "denials",
+    "metric_records_dropped",
+];
 
 /// What every instance of one plugin version shares.
 #[derive(Debug)]
@@ -99,6 +108,9 @@ pub struct HostState {
     pub ctx: Arc<PluginContext>,
     /// The memory cap.
     pub limiter: MemoryLimiter,
+    /// The last error-level line the instance logged (a Rust panic message arrives
+    /// this way just before the trap), to explain the trap in `/plugins`.
+    pub last_error_log: Option<String>,
 }
 
 impl HostState {
@@ -108,6 +120,7 @@ impl HostState {
         Self {
             ctx,
             limiter: MemoryLimiter { cap, hit: false },
+            last_error_log: None,
         }
     }
 }
@@ -143,7 +156,10 @@ impl host::Host for HostState {
             }
             message.truncate(cut);
         }
-        let name = ctx.name.as_str();
+        if matches!(level, Level::Error) {
+            self.last_error_log = Some(message.chars().take(300).collect());
+        }
+        let name = self.ctx.name.as_str();
         match level {
             Level::Trace => tracing::trace!(target: "plugin", plugin = name, "{message}"),
             Level::Debug => tracing::debug!(target: "plugin", plugin = name, "{message}"),
@@ -244,7 +260,7 @@ struct PluginMetric {
     kind: Kind,
     /// (plugin, generation) that declared this shape.
     owner: (String, u64),
-    series: usize,
+    series: std::sync::atomic::AtomicUsize,
 }
 
 /// What a record call does.
@@ -283,6 +299,13 @@ impl PluginMetrics {
         if !valid_name(name) {
             return Err(format!("metric name {name:?} must match [a-zA-Z_][a-zA-Z0-9_]*"));
         }
+        // These names are the host's own `wasmbassador_plugin_*` families.
+        let base = name.strip_suffix("_total").unwrap_or(name);
+        if RESERVED.contains(&base) {
+            return Err(format!(
+                "metric name {name:?} is reserved for the host's own plugin metrics ({RESERVED:?})"
+            ));
+        }
         for l in labels {
             if !valid_name(l) || l == "plugin" {
                 return Err(format!(
@@ -320,15 +343,17 @@ impl PluginMetrics {
                 buckets,
                 kind,
                 owner: (ctx.name.clone(), ctx.generation),
-                series: 0,
+                series: Default::default(),
             },
         );
         Ok(())
     }
 
     fn record(&self, ctx: &PluginContext, name: &str, values: Vec<String>, what: Record) {
-        let Ok(mut all) = self.metrics.write() else { return };
-        let Some(m) = all.get_mut(name) else {
+        // A read lock: records from many workers go on in parallel (each family
+        // locks per series itself); only declarations take the write lock.
+        let Ok(all) = self.metrics.read() else { return };
+        let Some(m) = all.get(name) else {
             self.dropped.inc();
             return;
         };
@@ -344,11 +369,12 @@ impl PluginMetrics {
             Kind::Histogram(f) => f.get(&labels).is_some(),
         };
         if !exists {
-            if m.series >= MAX_SERIES {
+            use std::sync::atomic::Ordering;
+            if m.series.fetch_add(1, Ordering::Relaxed) >= MAX_SERIES {
+                m.series.fetch_sub(1, Ordering::Relaxed);
                 self.dropped.inc();
                 return;
             }
-            m.series += 1;
         }
         match (&m.kind, what) {
             (Kind::Counter(f), Record::Add(n)) => {

@@ -42,7 +42,7 @@ pub enum HookError {
     #[error("trap: {0}")]
     Trap(String),
     /// The call ran past `plugin.timeout`.
-    #[error("timed out after {0:?}")]
+    #[error("timeout: no answer within {0:?}")]
     Timeout(std::time::Duration),
     /// The guest tried to grow its memory past `plugin.memory`.
     #[error("memory limit of {0} bytes exceeded")]
@@ -159,7 +159,11 @@ impl Loaded {
             return HookError::Timeout(self.config.timeout);
         }
         let text = format!("{e:#}");
-        HookError::Trap(text.lines().take(3).collect::<Vec<_>>().join(" | "))
+        let what = text.lines().next().unwrap_or("").to_string();
+        match &store.data().last_error_log {
+            Some(logged) => HookError::Trap(format!("{logged} ({what})")),
+            None => HookError::Trap(text.lines().take(3).collect::<Vec<_>>().join(" | ")),
+        }
     }
 
     /// Runs one hook on an instance of this version, with the deadline and memory
@@ -181,6 +185,7 @@ impl Loaded {
             Err(e) => Err(e),
             Ok(mut w) => {
                 w.store.data_mut().limiter.hit = false;
+                w.store.data_mut().last_error_log = None;
                 w.store.set_epoch_deadline(self.deadline_ticks());
                 match f(&mut w.store, &w.plugin) {
                     Ok(r) => {
@@ -297,7 +302,8 @@ impl Slot {
                     .get_or_create(&label("failure"))
                     .inc();
                 tracing::error!(plugin = %config.name, step = e.step(), "plugin refused; the previous version keeps serving: {e}");
-                self.stats.set_error(e.to_string());
+                // `/plugins` shows the failed step first, as the log's `step` field does.
+                self.stats.set_error(format!("{}: {e}", e.step()));
                 Err(e)
             }
         }

@@ -88,8 +88,12 @@ pub fn check_all(plugins: &PluginMap, shared: &PluginShared) {
         if digest == current.sha256 || slot.was_refused(&digest) {
             continue;
         }
-        if slot.reload(&current.config, shared).is_err() {
-            slot.mark_refused(digest);
+        match slot.reload(&current.config, shared) {
+            // `init` can fail for a passing reason (its deadline missed on a busy
+            // machine, the instance pool full): the next event in the folder retries
+            // it. Every other step fails the same way for the same bytes.
+            Err(e) if e.step() != "init" => slot.mark_refused(digest),
+            _ => {}
         }
     }
 }
