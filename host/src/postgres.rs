@@ -354,6 +354,25 @@ pub async fn forward_cancel(target: &CancelTarget, packet: &[u8]) -> Result<(), 
 mod tests {
     use super::*;
 
+    /// A session target on an upstream that is never dialled.
+    fn target() -> CancelTarget {
+        let config = crate::config::UpstreamConfig {
+            name: "u".into(),
+            connect_timeout: std::time::Duration::from_secs(1),
+            retry: Default::default(),
+            health: Default::default(),
+            eject: Default::default(),
+            tls: None,
+            endpoint: vec![],
+        };
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        CancelTarget {
+            upstream: Arc::new(Upstream::new(config, metrics, None).expect("upstream")),
+            address: "127.0.0.1:1".into(),
+            peer: "127.0.0.1:1".parse().expect("addr"),
+        }
+    }
+
     #[test]
     fn watcher_finds_the_key_across_chunk_boundaries() {
         let mut stream = Vec::new();
@@ -363,26 +382,7 @@ mod tests {
         stream.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'I']);
         for split in 1..stream.len() {
             let registry = Arc::new(CancelRegistry::default());
-            let target = CancelTarget {
-                upstream: Arc::new(
-                    Upstream::new(
-                        crate::config::UpstreamConfig {
-                            name: "u".into(),
-                            connect_timeout: std::time::Duration::from_secs(1),
-                            retry: Default::default(),
-                            health: Default::default(),
-                            eject: Default::default(),
-                            tls: None,
-                            endpoint: vec![],
-                        },
-                        Arc::new(crate::metrics::Metrics::new()),
-                        None,
-                    )
-                    .expect("upstream"),
-                ),
-                address: "127.0.0.1:1".into(),
-                peer: "127.0.0.1:1".parse().expect("addr"),
-            };
+            let target = target();
             let mut w = KeyWatcher::new(registry.clone(), target);
             w.feed(&stream[..split]);
             w.feed(&stream[split..]);
@@ -399,26 +399,7 @@ mod tests {
     #[test]
     fn watcher_stops_at_a_startup_error_without_registering() {
         let registry = Arc::new(CancelRegistry::default());
-        let target = CancelTarget {
-            upstream: Arc::new(
-                Upstream::new(
-                    crate::config::UpstreamConfig {
-                        name: "u".into(),
-                        connect_timeout: std::time::Duration::from_secs(1),
-                        retry: Default::default(),
-                        health: Default::default(),
-                        eject: Default::default(),
-                        tls: None,
-                        endpoint: vec![],
-                    },
-                    Arc::new(crate::metrics::Metrics::new()),
-                    None,
-                )
-                .expect("upstream"),
-            ),
-            address: "127.0.0.1:1".into(),
-            peer: "127.0.0.1:1".parse().expect("addr"),
-        };
+        let target = target();
         let mut w = KeyWatcher::new(registry.clone(), target);
         let refusal = error_response("28000", "connection requires a valid client certificate");
         w.feed(&refusal[..7]);
