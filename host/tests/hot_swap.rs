@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use support::process::Process;
+use support::ticker::Ticker;
 use support::{PgOptions, Pki, Postgres, plugins};
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
@@ -88,7 +89,7 @@ async fn twenty_swaps_under_load_switch_every_new_connection_and_break_none() {
     // The long-lived session, opened before the first swap, queries throughout.
     let session = Arc::new(pg_connect(addr).await);
     let backend = backend_pid(&session).await;
-    let ticker = Ticker::start(session.clone());
+    let ticker = Ticker::start(session.clone(), Duration::from_millis(50), PATIENCE);
 
     let stream = Stream::start(&[("orders", addr)], 3);
     let mut timeline = Timeline::default();
@@ -1128,42 +1129,4 @@ async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
         .expect("query within the patience")
         .expect("query through wasmbassador")
         .get(0)
-}
-
-/// Runs `select 1` on a session every 50 ms in the background and counts.
-struct Ticker {
-    stop: Arc<AtomicBool>,
-    failures: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<u64>,
-}
-
-impl Ticker {
-    fn start(client: Arc<tokio_postgres::Client>) -> Ticker {
-        let stop = Arc::new(AtomicBool::new(false));
-        let failures = Arc::new(AtomicU64::new(0));
-        let (s, f) = (stop.clone(), failures.clone());
-        let task = tokio::spawn(async move {
-            let mut queries = 0;
-            // Bounded: at most 2,400 queries (two minutes), whatever happens.
-            while !s.load(Ordering::Relaxed) && queries < 2_400 {
-                match tokio::time::timeout(PATIENCE, client.simple_query("select 1")).await {
-                    Ok(Ok(_)) => {}
-                    _ => {
-                        f.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                queries += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            queries
-        });
-        Ticker { stop, failures, task }
-    }
-
-    /// Stops the ticker: (queries run, queries failed).
-    async fn stop(self) -> (u64, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        let queries = self.task.await.expect("ticker task");
-        (queries, self.failures.load(Ordering::Relaxed))
-    }
 }

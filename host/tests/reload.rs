@@ -11,10 +11,10 @@ mod support;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use support::process::{Process, wait_refused};
+use support::ticker::Ticker;
 use support::{CertFiles, PgOptions, Pki, Postgres, Redis};
 use tokio_postgres::NoTls;
 
@@ -50,7 +50,7 @@ async fn a_long_lived_session_survives_add_remove_change_broken_push_and_sighup(
     let home = where_am_i(&session).await;
     assert_eq!(home.port, pg_a.port(), "the session starts on server A");
     assert!(home.ssl, "the upstream leg is TLS (pg_stat_ssl)");
-    let ticker = Ticker::start(session.clone());
+    let ticker = Ticker::start(session.clone(), Duration::from_millis(100), WAIT);
 
     // 2. Add a listener: a Redis cache behind mTLS. It starts accepting.
     let cache_up = t.redis_upstream("cache", redis.addr());
@@ -422,42 +422,4 @@ async fn incr(conn: &mut redis::aio::MultiplexedConnection) -> i64 {
         .query_async(conn)
         .await
         .expect("INCR through wasmbassador")
-}
-
-/// Runs `select 1` on a session every 100 ms in the background and counts.
-struct Ticker {
-    stop: Arc<AtomicBool>,
-    failures: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<u64>,
-}
-
-impl Ticker {
-    fn start(client: Arc<tokio_postgres::Client>) -> Ticker {
-        let stop = Arc::new(AtomicBool::new(false));
-        let failures = Arc::new(AtomicU64::new(0));
-        let (s, f) = (stop.clone(), failures.clone());
-        let task = tokio::spawn(async move {
-            let mut queries = 0;
-            // Bounded: at most 1,200 queries (two minutes), whatever happens.
-            while !s.load(Ordering::Relaxed) && queries < 1_200 {
-                match tokio::time::timeout(WAIT, client.simple_query("select 1")).await {
-                    Ok(Ok(_)) => {}
-                    _ => {
-                        f.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                queries += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            queries
-        });
-        Ticker { stop, failures, task }
-    }
-
-    /// Stops the ticker: (queries run, queries failed).
-    async fn stop(self) -> (u64, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        let queries = self.task.await.expect("ticker task");
-        (queries, self.failures.load(Ordering::Relaxed))
-    }
 }

@@ -21,6 +21,7 @@ pub mod pki;
 pub mod plugins;
 pub mod process;
 pub mod redis;
+pub mod ticker;
 
 pub use pg::{ClientCertMode, PgOptions, PgVersion, Postgres};
 pub use pki::{CertFiles, Pki};
