@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use support::pg::error_text;
 use support::plugins::wasm;
 use support::process::{BIN, Process, metric_value};
 use support::{PgOptions, Pki, Postgres};
@@ -703,17 +704,6 @@ async fn current_database(client: &Client) -> String {
         .await
         .expect("select current_database()")
         .get(0)
-}
-
-/// A tokio-postgres error with its sources (the server's message is a source).
-fn error_text(err: &tokio_postgres::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        text.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    text
 }
 
 /// What a [`raw_session`] sent and received.

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use support::pg::error_text;
 use support::{ClientCertMode, PgOptions, PgVersion, Pki, Postgres, pg::psql_command};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -496,17 +497,6 @@ async fn ssl_in_use(client: &Client) -> bool {
         .await
         .expect("reading pg_stat_ssl")
         .get(0)
-}
-
-/// A tokio-postgres error with its sources (the server's message is a source).
-fn error_text(err: &tokio_postgres::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        text.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    text
 }
 
 /// Runs `sql` with the real psql through `listen` as `app`, with `sslmode` (None:

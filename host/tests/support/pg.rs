@@ -612,3 +612,15 @@ fn copy_for_pg_user(native: &Path) -> PathBuf {
     }
     target.join("native")
 }
+
+/// A tokio-postgres error with its sources (the server's message is a source), so
+/// that a test can assert on what the client was told.
+pub fn error_text(err: &tokio_postgres::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
