@@ -182,10 +182,10 @@ on_error = "allow"
 
 /// One connection's worth of plugin work, as `listener.rs` does it: take the chain,
 /// build the hook arguments, `on-connect`, and `on-close` after the session.
-fn one_connection(plugins: &ArcSwap<PluginMap>, names: &[String], peer: SocketAddr) -> bool {
+fn one_connection(plugins: &ArcSwap<PluginMap>, names: &[String], peer: SocketAddr) -> Decision {
     let mut chain = Chain::new(&plugins.load(), names);
     if chain.is_empty() {
-        return true;
+        return Decision::Allow { route: None };
     }
     let info = ConnectInfo {
         listener: "pg".to_string(),
@@ -199,7 +199,7 @@ fn one_connection(plugins: &ArcSwap<PluginMap>, names: &[String], peer: SocketAd
             parameters: vec![("client_encoding".to_string(), "UTF8".to_string())],
         }),
     };
-    let allowed = matches!(black_box(chain.on_connect(&info)), Decision::Allow { .. });
+    let decision = black_box(chain.on_connect(&info));
     let close = CloseInfo {
         listener: "pg".to_string(),
         client_addr: peer.to_string(),
@@ -213,31 +213,64 @@ fn one_connection(plugins: &ArcSwap<PluginMap>, names: &[String], peer: SocketAd
         database: Some("orders".to_string()),
     };
     chain.on_close(&close);
-    allowed
+    decision
+}
+
+/// On-CPU nanoseconds of the calling thread (Linux schedstat). CPU time, unlike wall
+/// time, does not grow when other processes share the cores.
+fn thread_cpu_ns() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
+/// On-CPU nanoseconds of every (live) thread of process `pid`.
+fn process_cpu_ns(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        if let Ok(s) = std::fs::read_to_string(path) {
+            total += s.split_whitespace().next()?.parse::<u64>().ok()?;
+        }
+    }
+    Some(total)
+}
+
+/// Per connection on one thread: wall and on-CPU nanoseconds (medians over batches).
+#[derive(Clone, Copy)]
+struct Cost {
+    wall_ns: f64,
+    cpu_ns: f64,
 }
 
 struct ChainRow {
     label: String,
-    one_thread_ns: f64,
-    two_threads_ns: f64,
+    one_thread: Cost,
+    two_threads: Cost,
 }
 
-/// Median ns per connection over batches of `per_batch` on `threads` threads at once
-/// (each thread does `per_batch`; the figure is per connection on one thread).
-fn time_chain(plugins: &Arc<ArcSwap<PluginMap>>, names: &[String], per_batch: usize, threads: usize) -> f64 {
+/// Median cost per connection over batches of `per_batch` on `threads` threads at
+/// once (each thread does `per_batch`; the figures are per connection on one thread).
+fn time_chain(plugins: &Arc<ArcSwap<PluginMap>>, names: &[String], per_batch: usize, threads: usize) -> Cost {
     let peer: SocketAddr = "127.0.0.1:50412".parse().expect("address");
-    let mut samples = Vec::new();
+    let (mut wall, mut cpu) = (Vec::new(), Vec::new());
     let started = Instant::now();
     for batch in 0..8 {
-        let results: Vec<f64> = std::thread::scope(|s| {
+        let results: Vec<(f64, f64)> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..threads)
                 .map(|_| {
                     s.spawn(|| {
                         let t = Instant::now();
+                        let c = thread_cpu_ns();
                         for _ in 0..per_batch {
-                            assert!(one_connection(plugins, names, peer), "the bench chain denied");
+                            if let Decision::Deny { plugin, reason } = one_connection(plugins, names, peer) {
+                                panic!("the bench chain denied: {plugin}: {reason}");
+                            }
                         }
-                        t.elapsed().as_nanos() as f64 / per_batch as f64
+                        let cpu = match (c, thread_cpu_ns()) {
+                            (Some(a), Some(b)) => (b - a) as f64 / per_batch as f64,
+                            _ => f64::NAN,
+                        };
+                        (t.elapsed().as_nanos() as f64 / per_batch as f64, cpu)
                     })
                 })
                 .collect();
@@ -248,13 +281,19 @@ fn time_chain(plugins: &Arc<ArcSwap<PluginMap>>, names: &[String], per_batch: us
         });
         // The first batch warms caches and instance lists.
         if batch > 0 {
-            samples.extend(results);
+            for (w, c) in results {
+                wall.push(w);
+                cpu.push(c);
+            }
         }
         if started.elapsed() > CHAIN_TIME_BOUND {
             break;
         }
     }
-    median(&mut samples)
+    Cost {
+        wall_ns: median(&mut wall),
+        cpu_ns: median(&mut cpu),
+    }
 }
 
 fn chain_bench(dir: &Path) -> Vec<ChainRow> {
@@ -279,12 +318,12 @@ fn chain_bench(dir: &Path) -> Vec<ChainRow> {
             let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
             let row = ChainRow {
                 label: label.to_string(),
-                one_thread_ns: time_chain(&plugins, &names, per_batch, 1),
-                two_threads_ns: time_chain(&plugins, &names, per_batch, 2),
+                one_thread: time_chain(&plugins, &names, per_batch, 1),
+                two_threads: time_chain(&plugins, &names, per_batch, 2),
             };
             eprintln!(
-                "chain {label}: {:.0} ns / {:.0} ns",
-                row.one_thread_ns, row.two_threads_ns
+                "chain {label}: cpu {:.0} ns / {:.0} ns",
+                row.one_thread.cpu_ns, row.two_threads.cpu_ns
             );
             row
         })
@@ -529,6 +568,8 @@ async fn round(addr: SocketAddr, n: usize, clients: usize) -> Round {
 struct ListenerRow {
     label: &'static str,
     rate: f64,
+    /// On-CPU time of the wasmbassador process per connection (all its threads).
+    cpu_us: Option<f64>,
     p50: Duration,
     p99: Duration,
     failed: usize,
@@ -553,11 +594,20 @@ async fn listener_bench(amb: &Ambassador, echo: SocketAddr) -> Vec<ListenerRow> 
     let mut lats: Vec<Vec<Duration>> = vec![Vec::new(); targets.len()];
     let mut failed = vec![0; targets.len()];
     let mut conns = vec![0; targets.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    let pid = amb.child.id();
     for r in 0..rounds {
         // Interleaved, and the order rotates, so drift on a shared machine hits all.
         for k in 0..targets.len() {
             let i = (k + r) % targets.len();
+            let before = process_cpu_ns(pid);
             let res = round(targets[i].1, n, clients).await;
+            if let (Some(a), Some(b)) = (before, process_cpu_ns(pid))
+                && i > 0
+                && res.conns > 0
+            {
+                cpu[i].push((b - a) as f64 / 1e3 / res.conns as f64);
+            }
             rates[i].push(res.conns as f64 / res.elapsed.as_secs_f64());
             lats[i].extend(res.latencies);
             failed[i] += res.failed;
@@ -573,6 +623,7 @@ async fn listener_bench(amb: &Ambassador, echo: SocketAddr) -> Vec<ListenerRow> 
             ListenerRow {
                 label,
                 rate: median(&mut rates[i]),
+                cpu_us: (!cpu[i].is_empty()).then(|| median(&mut cpu[i])),
                 p50: percentile(&lats[i], 0.5),
                 p99: percentile(&lats[i], 0.99),
                 failed: failed[i],
@@ -673,22 +724,27 @@ fn main() {
 
     if run("chain") {
         let rows = chain_bench(&dir);
-        let base1 = rows[0].one_thread_ns;
-        let base2 = rows[0].two_threads_ns;
         report.push_str("### (a) Chain cost per connection, in-process\n\n");
         report.push_str(
-            "`Chain::new` + hook arguments + `on-connect` + `on-close`, reused instances, \
-             postgres-style connection (user `app`, database `orders`).\n\n",
+            "`Chain::new` + hook arguments + `on-connect` + `on-close` per connection, reused \
+             instances, a postgres-style connection (user `app`, database `orders`); ns per \
+             connection on one thread, median of 7 batches of `CHAIN_CONNS`. CPU = the thread's \
+             on-CPU time (schedstat), which other load on the machine does not inflate; wall \
+             does. Two threads = two threads running the same chain at once (shared instance \
+             lists and metrics).\n\n",
         );
-        report.push_str("| chain | ns/connection, 1 thread | added by plugins | ns/connection, 2 threads at once | added by plugins |\n|---|---:|---:|---:|---:|\n");
+        report.push_str(
+            "| chain | CPU ns, 1 thread | wall ns, 1 thread | CPU ns, 2 threads | wall ns, 2 threads |\n\
+             |---|---:|---:|---:|---:|\n",
+        );
         for r in &rows {
             report.push_str(&format!(
                 "| {} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
                 r.label,
-                r.one_thread_ns,
-                r.one_thread_ns - base1,
-                r.two_threads_ns,
-                r.two_threads_ns - base2
+                r.one_thread.cpu_ns,
+                r.one_thread.wall_ns,
+                r.two_threads.cpu_ns,
+                r.two_threads.wall_ns
             ));
         }
         report.push('\n');
@@ -711,19 +767,26 @@ fn main() {
                     "### (b) New connections through a running wasmbassador (tcp listener, release build)\n\n\
                      {} rounds × {} connections per target, {} concurrent clients, rounds interleaved; \
                      each connection: connect, 8 bytes each way, close. Rate = median of rounds; \
-                     latency = connect to close, over all rounds.\n\n",
+                     CPU = on-CPU time of all wasmbassador threads per connection, median of rounds; \
+                     latency = connect to close, over all rounds. Client, echo server and \
+                     wasmbassador share the machine's cores.\n\n",
                     env_usize("LISTENER_ROUNDS", 5),
                     env_usize("LISTENER_CONNS", 2000),
                     env_usize("CLIENTS", 4).max(1),
                 ));
-                report.push_str("| target | connections/s | vs direct | vs 0 plugins | p50 µs | p99 µs | failed |\n|---|---:|---:|---:|---:|---:|---:|\n");
+                report.push_str(
+                    "| target | connections/s | vs direct | vs 0 plugins | wasmbassador CPU µs/conn | p50 µs | p99 µs | failed |\n\
+                     |---|---:|---:|---:|---:|---:|---:|---:|\n",
+                );
                 for r in &rows {
+                    let dash = || "—".to_string();
                     report.push_str(&format!(
-                        "| {} | {:.0} | {:.2} | {} | {} | {} | {} of {} |\n",
+                        "| {} | {:.0} | {:.2} | {} | {} | {} | {} | {} of {} |\n",
                         r.label,
                         r.rate,
                         r.rate / direct,
-                        if r.label.starts_with("direct") { "—".to_string() } else { format!("{:.3}", r.rate / p0) },
+                        if r.label.starts_with("direct") { dash() } else { format!("{:.3}", r.rate / p0) },
+                        r.cpu_us.map(|c| format!("{c:.1}")).unwrap_or_else(dash),
                         us(r.p50),
                         us(r.p99),
                         r.failed,

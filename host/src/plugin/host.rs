@@ -111,6 +111,8 @@ pub struct HostState {
     /// The last error-level line the instance logged (a Rust panic message arrives
     /// this way just before the trap), to explain the trap in `/plugins`.
     pub last_error_log: Option<String>,
+    /// Epoch ticks the current call may still be seen running (the per-call deadline).
+    pub ticks_left: u64,
 }
 
 impl HostState {
@@ -121,6 +123,7 @@ impl HostState {
             ctx,
             limiter: MemoryLimiter { cap, hit: false },
             last_error_log: None,
+            ticks_left: 0,
         }
     }
 }

@@ -20,8 +20,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
-use wasmtime::Store;
+use wasmtime::{Store, UpdateDeadline};
 
 pub use bindings::{CloseInfo, ConnectInfo, Outcome, PostgresStartup, Protocol, RouteTarget, Verdict};
 use bindings::{Plugin, PluginPre};
@@ -68,6 +70,27 @@ struct Warm {
     plugin: Plugin,
 }
 
+/// The call counter and latency histogram of one hook of one plugin, looked up once
+/// per loaded version: per call, a label lookup (a `String` clone and two hashed
+/// family lookups) cost about as much as the component call itself.
+struct HookMetrics {
+    calls: Counter,
+    duration: Histogram,
+}
+
+impl HookMetrics {
+    fn new(metrics: &Metrics, plugin: &str, hook: &'static str) -> Self {
+        let labels = PluginHookLabels {
+            plugin: plugin.to_string(),
+            hook,
+        };
+        HookMetrics {
+            calls: metrics.plugin_calls.get_or_create(&labels).clone(),
+            duration: metrics.plugin_call_duration.get_or_create(&labels).clone(),
+        }
+    }
+}
+
 /// Counters that survive swaps: one set per plugin name.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -101,6 +124,8 @@ pub struct Loaded {
     idle: Mutex<Vec<Warm>>,
     stats: Arc<Stats>,
     metrics: Arc<Metrics>,
+    on_connect_metrics: HookMetrics,
+    on_close_metrics: HookMetrics,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -135,8 +160,20 @@ impl Loaded {
         let engine = engine::engine().map_err(HookError::Setup)?;
         let mut store = Store::new(engine, HostState::new(self.ctx.clone()));
         store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.deadline_ticks());
+        // The deadline counts the ticks in which the guest is seen running: a call that
+        // is only preempted (a busy node, a CPU-throttled pod) sees the epoch move once
+        // when it resumes, and is not timed out for time it did not run.
+        store.epoch_deadline_callback(|mut cx| {
+            let left = &mut cx.data_mut().ticks_left;
+            *left = left.saturating_sub(1);
+            Ok(if *left == 0 {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Continue(1)
+            })
+        });
+        store.data_mut().ticks_left = self.deadline_ticks();
+        store.set_epoch_deadline(1);
         let plugin = self
             .pre
             .instantiate(&mut store)
@@ -171,22 +208,20 @@ impl Loaded {
     fn call<R>(
         &self,
         hook: &'static str,
+        metrics: &HookMetrics,
         f: impl FnOnce(&mut Store<HostState>, &Plugin) -> wasmtime::Result<R>,
     ) -> Result<R, HookError> {
         let started = Instant::now();
-        let labels = PluginHookLabels {
-            plugin: self.config.name.clone(),
-            hook,
-        };
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        self.metrics.plugin_calls.get_or_create(&labels).inc();
+        metrics.calls.inc();
         let warm = self.idle.lock().ok().and_then(|mut v| v.pop());
         let result = match warm.map(Ok).unwrap_or_else(|| self.fresh()) {
             Err(e) => Err(e),
             Ok(mut w) => {
                 w.store.data_mut().limiter.hit = false;
                 w.store.data_mut().last_error_log = None;
-                w.store.set_epoch_deadline(self.deadline_ticks());
+                w.store.data_mut().ticks_left = self.deadline_ticks();
+                w.store.set_epoch_deadline(1);
                 match f(&mut w.store, &w.plugin) {
                     Ok(r) => {
                         if let Ok(mut idle) = self.idle.lock()
@@ -200,10 +235,7 @@ impl Loaded {
                 }
             }
         };
-        self.metrics
-            .plugin_call_duration
-            .get_or_create(&labels)
-            .observe(started.elapsed().as_secs_f64());
+        metrics.duration.observe(started.elapsed().as_secs_f64());
         if let Err(e) = &result {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
             if matches!(e, HookError::Timeout(_)) {
@@ -226,14 +258,14 @@ impl Loaded {
 
     /// `on-connect`; `Err` means the call failed and the policy decides.
     pub fn on_connect(&self, info: &ConnectInfo) -> Result<Verdict, HookError> {
-        self.call("on_connect", |store, p| {
+        self.call("on_connect", &self.on_connect_metrics, |store, p| {
             p.wasmbassador_plugin_hooks().call_on_connect(store, info)
         })
     }
 
     /// `on-close`; failures are counted and logged, nothing else.
     pub fn on_close(&self, info: &CloseInfo) {
-        let _ = self.call("on_close", |store, p| {
+        let _ = self.call("on_close", &self.on_close_metrics, |store, p| {
             p.wasmbassador_plugin_hooks().call_on_close(store, info)
         });
     }
@@ -339,6 +371,8 @@ fn build(
         idle: Mutex::new(Vec::new()),
         stats,
         metrics: shared.metrics.clone(),
+        on_connect_metrics: HookMetrics::new(&shared.metrics, &config.name, "on_connect"),
+        on_close_metrics: HookMetrics::new(&shared.metrics, &config.name, "on_close"),
     };
     // Instantiate and init once now: a plugin that cannot start is refused here,
     // not on the first connection.
