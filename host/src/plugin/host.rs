@@ -367,11 +367,29 @@ impl PluginMetrics {
         let mut labels: Labels = Vec::with_capacity(values.len() + 1);
         labels.push(("plugin".to_string(), ctx.name.clone()));
         labels.extend(m.labels.iter().cloned().zip(values));
-        let exists = match &m.kind {
-            Kind::Counter(f) => f.get(&labels).is_some(),
-            Kind::Histogram(f) => f.get(&labels).is_some(),
-        };
-        if !exists {
+        // An existing series, the common case, is found with one lookup.
+        match (&m.kind, &what) {
+            (Kind::Counter(f), Record::Add(n)) => {
+                if let Some(c) = f.get(&labels) {
+                    c.inc_by(*n);
+                    return;
+                }
+            }
+            (Kind::Histogram(f), Record::Observe(v)) => {
+                if let Some(h) = f.get(&labels) {
+                    h.observe(*v);
+                    return;
+                }
+            }
+            // A counter record for a histogram or the other way round.
+            _ => {
+                self.dropped.inc();
+                return;
+            }
+        }
+        // A new series, if the cap allows one more. Two workers creating the same
+        // series at once may count it twice; the cap errs on the low side.
+        {
             use std::sync::atomic::Ordering;
             if m.series.fetch_add(1, Ordering::Relaxed) >= MAX_SERIES {
                 m.series.fetch_sub(1, Ordering::Relaxed);
