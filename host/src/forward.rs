@@ -6,8 +6,10 @@ use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::connect::UpstreamIo;
 use crate::postgres::KeyWatcher;
 
 /// Buffer per direction at first: small, so that a thousand quiet connections stay
@@ -53,50 +55,51 @@ pub struct ByteCounters {
 /// Copies bytes both ways until both sides have closed. A side that closes its
 /// sending half has that half-close passed on while the other direction goes on; an
 /// error on either side ends both.
-pub async fn forward<C, U>(
-    client: C,
-    upstream: U,
+///
+/// With a plain-text upstream on Linux, a direction that carries bulk data moves it
+/// with splice(2) through a pipe, socket to socket, without copying it through this
+/// process; see [`Pump`].
+pub async fn forward(
+    mut client: TcpStream,
+    upstream: UpstreamIo,
     idle_timeout: Option<Duration>,
     counters: ByteCounters,
     watcher: Option<KeyWatcher>,
     stop: CancellationToken,
-) -> Totals
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-{
-    let started = Instant::now();
-    let last = AtomicU64::new(0);
+) -> Totals {
+    let shared = Shared {
+        started: Instant::now(),
+        last: AtomicU64::new(0),
+    };
     let sent_up = AtomicU64::new(0);
     let sent_down = AtomicU64::new(0);
-    let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut ur, mut uw) = tokio::io::split(upstream);
-    let up = pump(
-        &mut cr,
-        &mut uw,
-        &counters.to_upstream,
-        &sent_up,
-        &last,
-        started,
-        None,
-    );
-    let down = pump(
-        &mut ur,
-        &mut cw,
-        &counters.to_client,
-        &sent_down,
-        &last,
-        started,
-        watcher,
-    );
-    let both = async { tokio::try_join!(up, down) };
+    let (cr, cw) = client.split();
+    let both = async {
+        match upstream {
+            UpstreamIo::Plain(mut up) => {
+                let (ur, uw) = up.split();
+                tokio::try_join!(
+                    Pump::new(&shared, &counters.to_upstream, &sent_up, None).run(cr, uw),
+                    Pump::new(&shared, &counters.to_client, &sent_down, watcher).run(ur, cw),
+                )
+            }
+            UpstreamIo::Tls(tls) => {
+                let (ur, uw) = tokio::io::split(*tls);
+                tokio::try_join!(
+                    Pump::new(&shared, &counters.to_upstream, &sent_up, None).run(cr, uw),
+                    Pump::new(&shared, &counters.to_client, &sent_down, watcher).run(ur, cw),
+                )
+            }
+        }
+    };
     let idle = async {
         match idle_timeout {
             None => std::future::pending::<()>().await,
             Some(limit) => loop {
-                let quiet = started
+                let quiet = shared
+                    .started
                     .elapsed()
-                    .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                    .saturating_sub(Duration::from_millis(shared.last.load(Ordering::Relaxed)));
                 if quiet >= limit {
                     return;
                 }
@@ -117,39 +120,209 @@ where
     }
 }
 
-async fn pump<R, W>(
-    r: &mut R,
-    w: &mut W,
-    counter: &Counter,
-    total: &AtomicU64,
-    last: &AtomicU64,
+/// What both directions of one connection share.
+struct Shared {
     started: Instant,
-    mut watcher: Option<KeyWatcher>,
-) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; BUF_START];
-    // The watcher holds the session's cancel registration; it must live as long as
-    // the session, so it is kept here until this direction ends.
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            w.shutdown().await?;
-            drop(watcher);
-            return Ok(());
+    /// Milliseconds after `started` when bytes last moved, either way.
+    last: AtomicU64,
+}
+
+/// The plain TCP socket under a half, for splice(2); `None` for TLS.
+trait Socket {
+    fn tcp(&self) -> Option<&TcpStream>;
+}
+
+impl Socket for tokio::net::tcp::ReadHalf<'_> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl Socket for tokio::net::tcp::WriteHalf<'_> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl<T> Socket for tokio::io::ReadHalf<T> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+impl<T> Socket for tokio::io::WriteHalf<T> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+/// One direction of a connection.
+///
+/// It starts with a small buffer, copied through user space: a quiet or chatty
+/// connection costs little memory and no extra descriptors. A read that fills the
+/// buffer marks bulk traffic; from then on, if both sides are plain TCP (and the
+/// PostgreSQL key watcher, if any, has seen the session start), the direction moves
+/// data with splice(2) through a pipe of its own. Otherwise the buffer grows, up to
+/// [`BUF_MAX`], so that bulk data moves in fewer, larger system calls.
+///
+/// The splice loop is written here, over `rustix`, rather than taken from a crate:
+/// the crates that offer one copy a whole stream and hide the chunks, and this loop
+/// needs each chunk for the byte counters and the idle timeout, and must pass a
+/// half-close on.
+struct Pump<'a> {
+    shared: &'a Shared,
+    counter: &'a Counter,
+    total: &'a AtomicU64,
+    /// The session's cancel registration lives as long as this direction.
+    watcher: Option<KeyWatcher>,
+}
+
+impl<'a> Pump<'a> {
+    fn new(
+        shared: &'a Shared,
+        counter: &'a Counter,
+        total: &'a AtomicU64,
+        watcher: Option<KeyWatcher>,
+    ) -> Self {
+        Self {
+            shared,
+            counter,
+            total,
+            watcher,
         }
-        if let Some(w) = watcher.as_mut() {
-            w.feed(&buf[..n]);
+    }
+
+    fn moved(&self, n: usize) {
+        self.total.fetch_add(n as u64, Ordering::Relaxed);
+        self.counter.inc_by(n as u64);
+        self.shared.last.store(
+            self.shared.started.elapsed().as_millis() as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    async fn run<R, W>(mut self, mut r: R, mut w: W) -> io::Result<()>
+    where
+        R: AsyncRead + Socket + Unpin,
+        W: AsyncWrite + Socket + Unpin,
+    {
+        let mut buf = vec![0u8; BUF_START];
+        loop {
+            let n = r.read(&mut buf).await?;
+            if n == 0 {
+                w.shutdown().await?;
+                return Ok(());
+            }
+            if let Some(watcher) = self.watcher.as_mut() {
+                watcher.feed(&buf[..n]);
+            }
+            w.write_all(&buf[..n]).await?;
+            w.flush().await?;
+            self.moved(n);
+            if n == buf.len() {
+                #[cfg(target_os = "linux")]
+                if let (Some(from), Some(to)) = (r.tcp(), w.tcp())
+                    && self.watcher.as_ref().is_none_or(KeyWatcher::is_done)
+                    && let Some(pipe) = splice::Pipe::new()
+                {
+                    drop(buf);
+                    return self.splice(&pipe, from, to).await;
+                }
+                if buf.len() < BUF_MAX {
+                    buf.resize(buf.len() * 2, 0);
+                }
+            }
         }
-        w.write_all(&buf[..n]).await?;
-        w.flush().await?;
-        if n == buf.len() && buf.len() < BUF_MAX {
-            buf.resize(buf.len() * 2, 0);
+    }
+
+    #[cfg(target_os = "linux")]
+    async fn splice(&self, pipe: &splice::Pipe, from: &TcpStream, to: &TcpStream) -> io::Result<()> {
+        loop {
+            let n = pipe.fill(from).await?;
+            if n == 0 {
+                // `to` is the write half's socket: shut down only its sending side.
+                splice::shutdown_write(to)?;
+                return Ok(());
+            }
+            pipe.drain(to, n).await?;
+            self.moved(n);
         }
-        total.fetch_add(n as u64, Ordering::Relaxed);
-        counter.inc_by(n as u64);
-        last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod splice {
+    use std::io;
+    use std::os::fd::OwnedFd;
+
+    use rustix::pipe::{PipeFlags, SpliceFlags};
+    use tokio::io::Interest;
+    use tokio::net::TcpStream;
+
+    /// How much a pipe is asked to hold: bigger chunks, fewer system calls. The
+    /// kernel may give less (`/proc/sys/fs/pipe-max-size`, or a user over
+    /// `pipe-user-pages-soft`); the loop works with whatever it gets.
+    const PIPE_SIZE: usize = 1024 * 1024;
+
+    /// A pipe between two sockets; it is always empty between chunks.
+    pub(super) struct Pipe {
+        read: OwnedFd,
+        write: OwnedFd,
+    }
+
+    impl Pipe {
+        /// A new non-blocking pipe, or `None` if the process is out of descriptors
+        /// (the caller then copies through user space, as before).
+        pub(super) fn new() -> Option<Self> {
+            let (read, write) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).ok()?;
+            let _ = rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE);
+            Some(Self { read, write })
+        }
+
+        /// Moves what `from` has (up to the pipe's size) into the pipe; 0 at end of
+        /// stream. The pipe is empty, so "would block" can only mean `from` has
+        /// nothing to read, which is what `try_io` needs to know.
+        pub(super) async fn fill(&self, from: &TcpStream) -> io::Result<usize> {
+            loop {
+                from.readable().await?;
+                match from.try_io(Interest::READABLE, || {
+                    rustix::pipe::splice(from, None, &self.write, None, PIPE_SIZE, flags())
+                        .map_err(io::Error::from)
+                }) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    other => return other,
+                }
+            }
+        }
+
+        /// Moves all `n` bytes in the pipe to `to`. "Would block" means `to`'s send
+        /// buffer is full.
+        pub(super) async fn drain(&self, to: &TcpStream, mut n: usize) -> io::Result<()> {
+            while n > 0 {
+                to.writable().await?;
+                match to.try_io(Interest::WRITABLE, || {
+                    rustix::pipe::splice(&self.read, None, to, None, n, flags()).map_err(io::Error::from)
+                }) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(m) => n -= m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn flags() -> SpliceFlags {
+        SpliceFlags::NONBLOCK | SpliceFlags::MOVE
+    }
+
+    /// Passes a half-close on: no more bytes to `to`, while it may still send.
+    pub(super) fn shutdown_write(to: &TcpStream) -> io::Result<()> {
+        match rustix::net::shutdown(to, rustix::net::Shutdown::Write) {
+            // The peer is already gone; the other direction will see that.
+            Err(rustix::io::Errno::NOTCONN) => Ok(()),
+            other => other.map_err(io::Error::from),
+        }
     }
 }

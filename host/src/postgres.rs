@@ -251,6 +251,11 @@ impl KeyWatcher {
         }
     }
 
+    /// Whether the session is ready (or refused): later bytes need no look.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
     /// Feeds bytes the server sent; cheap once the session is ready.
     pub fn feed(&mut self, mut data: &[u8]) {
         while !self.done && !data.is_empty() {
