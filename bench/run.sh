@@ -128,7 +128,7 @@ wait_port "$W_PG" || { cat "$WORK/wb.log" >&2; exit 1; }
 HAVE_HA=0
 if command -v haproxy >/dev/null; then
   HAVE_HA=1
-  H_IPERF=$(free_port); H_PG=$(free_port); H_REDIS=$(free_port)
+  H_IPERF=$(free_port); H_SPLICE=$(free_port); H_PG=$(free_port); H_REDIS=$(free_port)
   cat >"$WORK/haproxy.cfg" <<EOF
 global
   maxconn 5000
@@ -139,6 +139,10 @@ defaults
   timeout server 1h
 listen iperf
   bind 127.0.0.1:$H_IPERF
+  server s 127.0.0.1:$IPORT
+listen iperf_splice
+  bind 127.0.0.1:$H_SPLICE
+  option splice-auto
   server s 127.0.0.1:$IPORT
 listen pg
   bind 127.0.0.1:$H_PG
@@ -180,8 +184,8 @@ PY
 }
 
 echo "running: iperf3 ${SECS}s each" >&2
-I_DIRECT=$(iperf "$IPORT"); I_WB=$(iperf "$W_IPERF"); I_HA=-
-[ $HAVE_HA = 1 ] && I_HA=$(iperf "$H_IPERF")
+I_DIRECT=$(iperf "$IPORT"); I_WB=$(iperf "$W_IPERF"); I_HA=-; I_HAS=-
+[ $HAVE_HA = 1 ] && I_HA=$(iperf "$H_IPERF") && I_HAS=$(iperf "$H_SPLICE")
 echo "running: pgbench -S -c $CLIENTS ${SECS}s each" >&2
 P_DIRECT=$(pgb "$PGPORT" disable); P_WB=$(pgb "$W_PG" disable); P_HA=-
 [ $HAVE_HA = 1 ] && P_HA=$(pgb "$H_PG" disable)
@@ -203,6 +207,7 @@ wasmbassador $("$WB" --version | awk '{print $2}') benchmark, $(date -u +%Y-%m-%
 | measure | direct | wasmbassador | HAProxy | wasmbassador / direct | wasmbassador / HAProxy |
 |---|---|---|---|---|---|
 | iperf3 throughput, Gbit/s | $I_DIRECT | $I_WB | $I_HA | $(ratio "$I_WB" "$I_DIRECT") | $(ratio "$I_WB" "$I_HA") |
+| iperf3 throughput, Gbit/s, HAProxy with \`option splice-auto\` | $I_DIRECT | $I_WB | $I_HAS | $(ratio "$I_WB" "$I_DIRECT") | $(ratio "$I_WB" "$I_HAS") |
 | pgbench -S -c $CLIENTS TPS, plain upstream | $P_DIRECT | $P_WB | $P_HA | $(ratio "$P_WB" "$P_DIRECT") | $(ratio "$P_WB" "$P_HA") |
 | pgbench -S -c $CLIENTS TPS, TLS upstream (direct = TLS end to end) | $P_DIRECT_TLS | $P_WB_TLS | - | $(ratio "$P_WB_TLS" "$P_DIRECT_TLS") | - |
 | new connections/s (pgbench -S -C), plain upstream | $C_DIRECT | $C_WB | $C_HA | $(ratio "$C_WB" "$C_DIRECT") | $(ratio "$C_WB" "$C_HA") |

@@ -118,6 +118,17 @@ pub enum DialError {
         /// What was wrong.
         reason: String,
     },
+    /// The PostgreSQL server turned the session away before authentication because it
+    /// is shutting down, starting up or in recovery; the client has seen nothing.
+    #[error("the PostgreSQL server at {peer} is not accepting sessions ({sqlstate}: {message})")]
+    NotAccepting {
+        /// The address tried.
+        peer: SocketAddr,
+        /// 57P01, 57P02 or 57P03.
+        sqlstate: String,
+        /// The server's message.
+        message: String,
+    },
     /// A plugin routed to an endpoint tag that no endpoint of the upstream carries.
     #[error("no endpoint carries the tag {0:?}")]
     NoTaggedEndpoint(String),

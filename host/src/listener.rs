@@ -257,11 +257,19 @@ async fn session(
     } else {
         Handshake::Raw
     };
-    let mut connected = match up.connect(handshake, tag.as_deref()).await {
+    let packet = startup.as_ref().map(|s| s.packet.as_slice());
+    let connected = match up.connect(handshake, tag.as_deref(), packet).await {
         Ok(c) => c,
         Err(e) => {
             reject(shared, st, "upstream_unreachable");
             tracing::warn!(listener = %st.config.name, %peer, error = %e, "closing client: no upstream connection");
+            // A server that turned the session away on every attempt: the client gets
+            // the server's own SQLSTATE (57P03 and kin), which PostgreSQL clients know
+            // to retry later, and its message.
+            if let crate::connect::DialError::NotAccepting { sqlstate, message, .. } = &e.last {
+                refuse(&mut sock, &startup, sqlstate, message).await;
+                return Outcome::UpstreamUnreachable;
+            }
             let msg = format!(
                 "wasmbassador: cannot reach upstream {:?}: {}",
                 up.config.name, e.last
@@ -273,14 +281,11 @@ async fn session(
     let endpoint = connected.endpoint.config.address.clone();
     close.endpoint = Some(endpoint.clone());
     let byte_counters = counters(shared, st);
-    let watcher = match &startup {
+    let mut watcher = match &startup {
         None => None,
         Some(s) => {
-            if let Err(e) = connected.io.write_all(&s.packet).await {
-                tracing::warn!(listener = %st.config.name, %peer, error = %e, "upstream closed before the startup message");
-                return Outcome::Error;
-            }
-            // The startup message is the client's, re-sent: it counts as forwarded.
+            // The startup message is the client's, sent on by `connect`: it counts as
+            // forwarded.
             let sent = s.packet.len() as u64;
             byte_counters.to_upstream.inc_by(sent);
             close.bytes_to_upstream = sent;
@@ -294,6 +299,19 @@ async fn session(
             ))
         }
     };
+    // What the server already answered goes to the client first.
+    if !connected.first.is_empty() {
+        if let Some(w) = watcher.as_mut() {
+            w.feed(&connected.first);
+        }
+        if let Err(e) = sock.write_all(&connected.first).await {
+            tracing::debug!(listener = %st.config.name, %peer, error = %e, "client gone before the server's first answer");
+            return Outcome::Error;
+        }
+        let sent = connected.first.len() as u64;
+        byte_counters.to_client.inc_by(sent);
+        close.bytes_to_client = sent;
+    }
     tracing::debug!(listener = %st.config.name, %peer, %endpoint, tls = connected.io.tls_version().unwrap_or("off"), "connected");
     let t = forward(
         sock,
@@ -305,7 +323,7 @@ async fn session(
     )
     .await;
     close.bytes_to_upstream += t.to_upstream;
-    close.bytes_to_client = t.to_client;
+    close.bytes_to_client += t.to_client;
     match (&t.ending, &t.error) {
         (_, Some(e)) if upstream_tls_alert(e) => {
             // With TLS 1.3 the upstream checks a client certificate only after the

@@ -308,21 +308,66 @@ impl KeyWatcher {
     /// Logs the ErrorResponse with which the server ended the session's startup:
     /// the client receives it as sent, the operator sees it here.
     fn log_refusal(&self, body: &[u8]) {
-        let mut code = "";
-        let mut message = String::new();
-        for field in body.split(|b| *b == 0).filter(|f| !f.is_empty()) {
-            match field[0] {
-                b'C' => code = std::str::from_utf8(&field[1..]).unwrap_or(""),
-                b'M' => message = String::from_utf8_lossy(&field[1..]).into_owned(),
-                _ => {}
-            }
-        }
+        let (code, message) = error_fields(body);
         let (upstream, endpoint) = match &self.target {
             Some(t) => (t.upstream.config.name.as_str(), t.address.as_str()),
             None => ("", ""),
         };
         tracing::warn!(%upstream, %endpoint, %code, "upstream refused the session: {message}");
     }
+}
+
+/// The SQLSTATE and message of an ErrorResponse body.
+fn error_fields(body: &[u8]) -> (&str, String) {
+    let mut code = "";
+    let mut message = String::new();
+    for field in body.split(|b| *b == 0).filter(|f| !f.is_empty()) {
+        match field[0] {
+            b'C' => code = std::str::from_utf8(&field[1..]).unwrap_or(""),
+            b'M' => message = String::from_utf8_lossy(&field[1..]).into_owned(),
+            _ => {}
+        }
+    }
+    (code, message)
+}
+
+/// SQLSTATEs with which a server turns a session away before authentication because
+/// of its own state, not the client's: shutting down (57P01 admin_shutdown, 57P02
+/// crash_shutdown) or not accepting connections yet (57P03 cannot_connect_now: starting
+/// up, in recovery). Another endpoint, or the same one a moment later, may take it.
+const NOT_ACCEPTING: [&str; 3] = ["57P01", "57P02", "57P03"];
+
+/// Sends the client's startup message and reads the header of the server's first
+/// answer, so that a server that is not accepting sessions ([`NOT_ACCEPTING`]) is
+/// a failed connect attempt, retried like one, rather than an error the client sees.
+/// Any other answer is returned, to be sent to the client before anything else. The
+/// client waits for this answer anyway, so reading it here adds no round trip.
+pub async fn start_session<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    startup: &[u8],
+    peer: SocketAddr,
+) -> Result<Vec<u8>, crate::connect::DialError> {
+    let io_err = |source| crate::connect::DialError::Tcp { peer, source };
+    io.write_all(startup).await.map_err(io_err)?;
+    io.flush().await.map_err(io_err)?;
+    let mut first = vec![0u8; 5];
+    io.read_exact(&mut first).await.map_err(io_err)?;
+    let len = be32(&first[1..5]) as usize;
+    // Only a small ErrorResponse is looked into; anything else goes on unread.
+    if first[0] != b'E' || !(4..=MAX_LOGGED_ERROR).contains(&len) {
+        return Ok(first);
+    }
+    first.resize(1 + len, 0);
+    io.read_exact(&mut first[5..]).await.map_err(io_err)?;
+    let (code, message) = error_fields(&first[5..]);
+    if NOT_ACCEPTING.contains(&code) {
+        return Err(crate::connect::DialError::NotAccepting {
+            peer,
+            sqlstate: code.to_string(),
+            message,
+        });
+    }
+    Ok(first)
 }
 
 /// Sends a CancelRequest to the server running the named session, over TLS when the

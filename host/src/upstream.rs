@@ -100,6 +100,9 @@ pub struct Connected {
     pub endpoint: Arc<Endpoint>,
     /// The socket address reached (what a CancelRequest must go back to).
     pub peer: SocketAddr,
+    /// Bytes the upstream already sent, for the client before anything else: with a
+    /// startup message, the start of the server's answer to it.
+    pub first: Vec<u8>,
 }
 
 const BACKOFF_CAP: Duration = Duration::from_secs(2);
@@ -186,9 +189,17 @@ impl Upstream {
     }
 
     /// Connects for one client connection: picks endpoints, retries with backoff
-    /// within `retry.attempts`, and records passive health. Only failures before any
-    /// client byte is sent happen here, so every retry is safe.
-    pub async fn connect(&self, handshake: Handshake, tag: Option<&str>) -> Result<Connected, ConnectError> {
+    /// within `retry.attempts`, and records passive health. With a PostgreSQL startup
+    /// message, it is sent here and a server that turns the session away before
+    /// authentication (shutting down, starting up) counts as a failed attempt. Only
+    /// failures before the client has seen any byte happen here, so every retry is
+    /// safe.
+    pub async fn connect(
+        &self,
+        handshake: Handshake,
+        tag: Option<&str>,
+        startup: Option<&[u8]>,
+    ) -> Result<Connected, ConnectError> {
         let mut tried = Vec::new();
         let attempts = self.config.retry.attempts.max(1);
         let mut last = None;
@@ -212,16 +223,28 @@ impl Upstream {
             self.metrics.connect_attempts.get_or_create(&ep.labels).inc();
             let started = Instant::now();
             let pg_mode = self.config.tls.as_ref().map(|t| t.postgres).unwrap_or_default();
-            match dial(
-                &ep.config.address,
-                self.tls.as_ref(),
-                pg_mode,
-                handshake,
-                self.config.connect_timeout,
-            )
-            .await
-            {
-                Ok((io, peer)) => {
+            let attempt_once = async {
+                let (mut io, peer) = dial(
+                    &ep.config.address,
+                    self.tls.as_ref(),
+                    pg_mode,
+                    handshake,
+                    self.config.connect_timeout,
+                )
+                .await?;
+                let first = match startup {
+                    None => Vec::new(),
+                    Some(packet) => tokio::time::timeout(
+                        self.config.connect_timeout,
+                        crate::postgres::start_session(&mut io, packet, peer),
+                    )
+                    .await
+                    .map_err(|_| DialError::Timeout(self.config.connect_timeout))??,
+                };
+                Ok::<_, DialError>((io, peer, first))
+            };
+            match attempt_once.await {
+                Ok((io, peer, first)) => {
                     self.metrics
                         .connect_duration
                         .get_or_create(&ep.labels)
@@ -231,6 +254,7 @@ impl Upstream {
                         io,
                         endpoint: ep.clone(),
                         peer,
+                        first,
                     });
                 }
                 Err(e) => {

@@ -58,14 +58,16 @@ async fn stopping_the_primary_moves_new_connections_to_the_standby_and_back() {
         no_upstream.is_empty(),
         "with retries, connections started after the primary was stopped failed for lack of an upstream: {no_upstream:#?}"
     );
-    let down_window: Vec<_> = with_retries
-        .started_between(with_retries.stopped, with_retries.restart_began)
-        .into_iter()
+    // Nor does one fail while the primary is down or starting up again: a server
+    // that turns a session away before authentication ("the database system is
+    // starting up") is a failed connect attempt, retried on the standby.
+    let failed_after_stop: Vec<_> = after_stop
+        .iter()
         .filter(|a| !matches!(a.outcome, Outcome::Served(_)))
         .collect();
     assert!(
-        down_window.is_empty(),
-        "with retries, connections started while the primary was down failed: {down_window:#?}"
+        failed_after_stop.is_empty(),
+        "with retries, connections started after the primary was stopped failed: {failed_after_stop:#?}"
     );
 }
 
@@ -251,6 +253,57 @@ impl Run {
             (self.back - self.restart_began).as_millis(),
         )
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_turns_sessions_away_before_authentication_is_retried_elsewhere() {
+    let pki = Pki::new();
+    let recovering = Postgres::start(PgOptions::tls_only(pki.server_cert(&["127.0.0.1", "localhost"])));
+    recovering.hold_in_recovery();
+    let standby = Postgres::start(PgOptions::tls_only(pki.server_cert(&["127.0.0.1", "localhost"])));
+    // The recovering server still completes TLS, so active checks (TLS probe) call it
+    // healthy and it stays first in line; ejection is off to keep it there.
+    let health = r#"{ check = "postgres", interval = "60s", timeout = "2s" }"#;
+    let no_eject = r#"eject = { after = 1000, for = "1s" }"#;
+    let p0 = format!("127.0.0.1:{}", recovering.port());
+
+    // Without a retry, the client sees the server's own refusal, untouched.
+    let once = start(&pki, &recovering, &standby, "{ attempts = 1 }", health, no_eject).await;
+    let addr = once.listener_addr("orders").expect("listener orders is bound");
+    match one_connection(addr).await {
+        Outcome::ServerRefused(text) => assert!(text.starts_with("57P03"), "{text}"),
+        other => panic!("with one attempt the client should see 57P03, got {other:?}"),
+    }
+    once.shutdown().await;
+
+    // With retries, each session goes on to the standby and the client notices
+    // nothing; the refusals are counted as connect failures of the recovering server.
+    let amb = start(
+        &pki,
+        &recovering,
+        &standby,
+        r#"{ attempts = 2, backoff = "10ms" }"#,
+        health,
+        no_eject,
+    )
+    .await;
+    let addr = amb.listener_addr("orders").expect("listener orders is bound");
+    for _ in 0..5 {
+        assert_eq!(one_connection(addr).await, Outcome::Served(standby.port()));
+    }
+    let failures = metric(
+        amb.admin_addr(),
+        format!(r#"wasmbassador_upstream_connect_failures_total{{upstream="orders",endpoint="{p0}"}}"#),
+    )
+    .await;
+    assert_eq!(failures, 5.0, "one refused attempt per session on {p0}");
+    let status = endpoint_status(amb.admin_addr(), &p0).await;
+    let last_error = status["last_error"].as_str().unwrap_or_default();
+    assert!(
+        last_error.contains("not accepting sessions") && last_error.contains("57P03"),
+        "/upstreams names the reason: {status:#}"
+    );
+    amb.shutdown().await;
 }
 
 /// One failover run with `retry.attempts = attempts`: a fresh ambassador, a stream

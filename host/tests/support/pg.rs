@@ -338,6 +338,18 @@ impl Postgres {
         self.running.store(true, Ordering::SeqCst);
     }
 
+    /// Restarts the server as a standby with `hot_standby = off` and no primary to
+    /// follow: it stays in recovery and turns every session away before
+    /// authentication with SQLSTATE 57P03 ("the database system is not accepting
+    /// connections"), as a server that is starting up or failing over does.
+    pub fn hold_in_recovery(&self) {
+        self.stop();
+        append(&self.data.join("postgresql.conf"), "hot_standby = off\n");
+        let signal = self.data.join("standby.signal");
+        std::fs::write(&signal, "").unwrap_or_else(|e| panic!("writing {}: {e}", signal.display()));
+        self.start_again();
+    }
+
     /// Runs `sql` with psql as superuser `postgres` in database `postgres`, over the
     /// Unix socket, and returns its unaligned, tuples-only output (`-At`) trimmed.
     /// Panics with psql's error if it fails.
