@@ -3,8 +3,8 @@
 //! the Service's DNS name), real AdmissionReview JSON. A pod that opts in gets a
 //! JSONPatch that turns it into exactly what `inject` makes of it; others get none;
 //! a labelled namespace injects by default; a bad opt-in value is refused; malformed
-//! bodies get a 400 and the server goes on; a rotated certificate reaches new
-//! handshakes without a restart, and a broken one is refused.
+//! bodies get a 400 and the server goes on (and exits 0 on SIGTERM); a rotated
+//! certificate reaches new handshakes without a restart, and a broken one is refused.
 
 mod support;
 
@@ -272,9 +272,9 @@ async fn a_labelled_pod_is_patched_into_exactly_what_inject_writes() {
 
     // The decision is logged with the namespace and pod, never the pod's contents.
     let mut process = webhook.process;
-    let line = process.wait_for_stderr("uid=6a1f-01", START_TIMEOUT).await;
-    assert!(line.contains("namespace=shop"), "{line}");
-    assert!(line.contains("orders-app-7d4b9c8f6-*"), "{line}");
+    let line = process.wait_for_stderr("uid=\"6a1f-01\"", START_TIMEOUT).await;
+    assert!(line.contains("namespace=\"shop\""), "{line}");
+    assert!(line.contains("pod=\"orders-app-7d4b9c8f6-*\""), "{line}");
     assert!(line.contains("decision=injected"), "{line}");
     assert!(!process.stderr().contains(SECRET), "{}", process.stderr());
 }
@@ -378,10 +378,18 @@ async fn bad_input_gets_an_error_answer_and_the_server_goes_on() {
         message.contains("wasmbassador.io/inject") && message.contains("\"yes\""),
         "{message}"
     );
-    webhook.process.wait_for_stderr("uid=b-yes", START_TIMEOUT).await;
+    webhook
+        .process
+        .wait_for_stderr("uid=\"b-yes\"", START_TIMEOUT)
+        .await;
 
     let response = webhook.admit(&pki, "/mutate", &good).await;
     assert_eq!(response["patchType"], "JSONPatch", "still serving at the end");
+
+    // SIGTERM (pod deletion) ends it cleanly.
+    webhook.process.signal("TERM");
+    let status = webhook.process.wait_exit(Duration::from_secs(15)).await;
+    assert!(status.success(), "{status}\n{}", webhook.process.output());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

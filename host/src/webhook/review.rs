@@ -181,8 +181,10 @@ pub fn review(body: &[u8], opt_in: OptIn, options: &InjectOptions) -> Result<Adm
     let is_pod = kind == Some("Pod") && request["kind"]["group"].as_str().unwrap_or_default().is_empty();
     let sub_resource = request["subResource"].as_str().unwrap_or_default();
     let operation = request["operation"].as_str().unwrap_or("CREATE");
-    if !is_pod || !sub_resource.is_empty() {
+    if !is_pod {
         admission.decision = Decision::Skipped("not a pod");
+    } else if !sub_resource.is_empty() {
+        admission.decision = Decision::Skipped("a sub-resource");
     } else if operation != "CREATE" {
         admission.decision = Decision::Skipped("not a CREATE");
     } else if !object.is_object() {
@@ -281,27 +283,25 @@ mod tests {
     }
 
     #[test]
-    fn other_operations_and_kinds_pass_unchanged() {
-        let mut body: Value =
+    fn other_operations_kinds_and_sub_resources_pass_unchanged() {
+        let labelled: Value =
             serde_json::from_slice(&review_of(pod(json!({inject::INJECT: "true"})))).expect("json");
-        body["request"]["operation"] = json!("UPDATE");
-        let a = review(
-            &serde_json::to_vec(&body).expect("json"),
-            OptIn::Pod,
-            &InjectOptions::default(),
-        )
-        .expect("review");
-        assert_eq!(a.decision, Decision::Skipped("not a CREATE"));
-        body["request"]["operation"] = json!("CREATE");
-        body["request"]["kind"]["kind"] = json!("ConfigMap");
-        let a = review(
-            &serde_json::to_vec(&body).expect("json"),
-            OptIn::Pod,
-            &InjectOptions::default(),
-        )
-        .expect("review");
-        assert_eq!(a.decision, Decision::Skipped("not a pod"));
-        assert_eq!(a.response["response"], json!({"uid": "u-1", "allowed": true}));
+        for (field, value, why) in [
+            ("operation", json!("UPDATE"), "not a CREATE"),
+            (
+                "kind",
+                json!({"group": "", "version": "v1", "kind": "ConfigMap"}),
+                "not a pod",
+            ),
+            ("subResource", json!("ephemeralcontainers"), "a sub-resource"),
+        ] {
+            let mut body = labelled.clone();
+            body["request"][field] = value;
+            let body = serde_json::to_vec(&body).expect("json");
+            let a = review(&body, OptIn::Namespace, &InjectOptions::default()).expect("review");
+            assert_eq!(a.decision, Decision::Skipped(why));
+            assert_eq!(a.response["response"], json!({"uid": "u-1", "allowed": true}));
+        }
     }
 
     #[test]

@@ -235,12 +235,14 @@ async fn admit(
     };
     match review::review(&body, opt_in, options) {
         Ok(a) => {
-            // Names only: the pod spec may carry secrets in its environment.
+            // Names only: the pod spec may carry secrets in its environment. Quoted
+            // (Debug): mutating admission runs before validation, so a name may hold
+            // anything, a line break included.
             tracing::info!(
                 path = opt_in.path(),
-                namespace = %a.namespace,
-                pod = %a.pod,
-                uid = %a.uid,
+                namespace = ?a.namespace,
+                pod = ?a.pod,
+                uid = ?a.uid,
                 dry_run = a.dry_run,
                 decision = %a.decision,
                 "admission"
