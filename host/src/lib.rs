@@ -19,6 +19,7 @@
 //! - [`demo`]: the self-contained demo.
 //! - [`inject`]: `wasmbassador inject`, the native sidecar added to Kubernetes workloads.
 //! - [`probe`]: `wasmbassador probe`, the Kubernetes exec probe against the admin server.
+//! - [`webhook`]: `wasmbassador webhook`, the mutating admission webhook applying `inject` to new pods.
 //!
 //! # Embedding
 //! ```no_run
@@ -45,6 +46,7 @@ pub mod probe;
 pub mod reload;
 pub mod tls;
 pub mod upstream;
+pub mod webhook;
 
 pub use ambassador::{Ambassador, Error, ReloadSummary, run};
 pub use config::Config;

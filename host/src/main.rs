@@ -85,6 +85,25 @@ enum Command {
         #[arg(long)]
         image: Option<String>,
     },
+    /// Serve the mutating admission webhook (AdmissionReview v1 over TLS) that adds the
+    /// sidecar to new pods: `POST /mutate` for pods labelled `wasmbassador.io/inject:
+    /// "true"`, `POST /mutate-namespace` for pods of a labelled namespace (injected
+    /// unless they say "false"), `GET /healthz`. The certificate files are re-read
+    /// when they change. Stops on SIGTERM after answering requests under way.
+    Webhook {
+        /// Where to accept HTTPS.
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: SocketAddr,
+        /// The serving certificate (PEM, leaf first), e.g. `tls.crt` of a cert-manager Secret.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its private key (PEM), e.g. `tls.key`.
+        #[arg(long)]
+        key: PathBuf,
+        /// The sidecar image for pods that do not name one (`wasmbassador.io/image`).
+        #[arg(long)]
+        image: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -165,6 +184,12 @@ fn main() -> ExitCode {
             } => run_demo(listen, admin, plugins).await,
             Command::Probe { .. } => unreachable!("handled before the runtime starts"),
             Command::Inject { file, image } => inject(file, image),
+            Command::Webhook {
+                listen,
+                cert,
+                key,
+                image,
+            } => webhook(listen, cert, key, image).await,
         }
     });
     match result {
@@ -199,6 +224,34 @@ fn inject(file: Option<PathBuf>, image: Option<String>) -> anyhow::Result<()> {
     std::io::stdout()
         .write_all(out.as_bytes())
         .context("cannot write stdout")?;
+    Ok(())
+}
+
+async fn webhook(
+    listen: SocketAddr,
+    cert: PathBuf,
+    key: PathBuf,
+    image: Option<String>,
+) -> anyhow::Result<()> {
+    let mut options = wasmbassador::inject::InjectOptions::default();
+    if let Some(image) = image {
+        options.image = image;
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+        }
+    };
+    let settings = wasmbassador::webhook::Settings { cert, key, options };
+    wasmbassador::webhook::serve(listener, settings, shutdown)
+        .await
+        .context("webhook")?;
     Ok(())
 }
 

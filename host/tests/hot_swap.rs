@@ -17,12 +17,13 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+use support::mount::KubeletVolume;
 use support::process::Process;
 use support::ticker::Ticker;
 use support::{PgOptions, Pki, Postgres, plugins};
@@ -539,7 +540,8 @@ async fn a_configmap_update_of_the_plugin_folder_is_picked_up_and_fails_no_conne
     //   gate.wasm -> ..data/gate.wasm
     //   ..data -> ..2026_11_22_10_00_00.000000001
     let mount = tempfile::tempdir().expect("mount");
-    let mut configmap = PluginMount::create(mount.path(), "..2026_11_22_10_00_00.000000001", &allow);
+    let mut configmap =
+        KubeletVolume::create(mount.path(), "..2026_11_22_10_00_00.000000001", &[(KEY, &allow)]);
     let config_dir = tempfile::tempdir().expect("config folder");
     let config = config_dir.path().join("wasmbassador.toml");
     std::fs::write(
@@ -549,7 +551,7 @@ async fn a_configmap_update_of_the_plugin_folder_is_picked_up_and_fails_no_conne
             upstream(pg.addr(), pki.ca_pem_path()),
             plugin(
                 "gate",
-                &configmap.file(),
+                &configmap.file(KEY),
                 &format!("{CALM_DEADLINE}config = {{ version = \"cm\" }}\n"),
             ),
         ]),
@@ -576,7 +578,7 @@ async fn a_configmap_update_of_the_plugin_folder_is_picked_up_and_fails_no_conne
         (2, "..2026_11_22_10_10_00.000000003", &allow, Outcome::Served),
     ] {
         timeline.cut();
-        let swapped = configmap.update(stamp, bytes);
+        let swapped = configmap.update(stamp, &[(KEY, bytes)]);
         let active = wait_generations(&wb, &[("gate", g + i)]).await;
         latencies.push(active - swapped);
         stream.wait_for(active, &format!("after update {i}")).await;
@@ -585,7 +587,7 @@ async fn a_configmap_update_of_the_plugin_folder_is_picked_up_and_fails_no_conne
         assert_eq!(s["sha256"].as_str(), Some(sha256(bytes).as_str()), "{s}");
         assert_eq!(
             s["path"].as_str(),
-            Some(configmap.file().display().to_string().as_str())
+            Some(configmap.file(KEY).display().to_string().as_str())
         );
     }
     timeline.cut();
@@ -691,45 +693,8 @@ fn garbage(len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// A plugin folder mounted from a ConfigMap, updated the way the kubelet's atomic
-/// writer does it.
-struct PluginMount {
-    mount: PathBuf,
-    current: String,
-}
-
+/// The plugin's key in the ConfigMap mounted by [`KubeletVolume`].
 const KEY: &str = "gate.wasm";
-
-impl PluginMount {
-    fn create(mount: &Path, stamp: &str, bytes: &[u8]) -> PluginMount {
-        std::fs::create_dir(mount.join(stamp)).expect("timestamped folder");
-        std::fs::write(mount.join(stamp).join(KEY), bytes).expect("write");
-        std::os::unix::fs::symlink(stamp, mount.join("..data")).expect("..data symlink");
-        std::os::unix::fs::symlink(format!("..data/{KEY}"), mount.join(KEY)).expect("key symlink");
-        PluginMount {
-            mount: mount.to_path_buf(),
-            current: stamp.to_string(),
-        }
-    }
-
-    /// The path the config names: `mount/gate.wasm`.
-    fn file(&self) -> PathBuf {
-        self.mount.join(KEY)
-    }
-
-    /// New timestamped folder, `..data_tmp` symlink to it renamed over `..data`
-    /// (atomic), then the old folder removed. Returns the moment of the rename.
-    fn update(&mut self, stamp: &str, bytes: &[u8]) -> Instant {
-        std::fs::create_dir(self.mount.join(stamp)).expect("timestamped folder");
-        std::fs::write(self.mount.join(stamp).join(KEY), bytes).expect("write");
-        std::os::unix::fs::symlink(stamp, self.mount.join("..data_tmp")).expect("..data_tmp symlink");
-        std::fs::rename(self.mount.join("..data_tmp"), self.mount.join("..data")).expect("swap ..data");
-        let swapped = Instant::now();
-        std::fs::remove_dir_all(self.mount.join(&self.current)).expect("remove the old folder");
-        self.current = stamp.to_string();
-        swapped
-    }
-}
 
 // ---------------------------------------------------------------------------------
 // Watching the host

@@ -239,3 +239,156 @@ fn the_plugin_configmap_holds_components_within_the_size_limit() {
     let text = std::fs::read_to_string(examples().join("wasmbassador-plugins.yaml")).expect("read");
     assert!(text.len() < 1024 * 1024, "{} bytes", text.len());
 }
+
+// ---------------------------------------------------------------------------------
+// The admission webhook (examples/kubernetes/webhook/)
+
+/// Every document of examples/kubernetes/webhook/, each file's text passed through
+/// `edit(file name, text)` first.
+fn webhook_docs(edit: impl Fn(&str, &str) -> String) -> Vec<Doc> {
+    let mut docs = Vec::new();
+    for file in k8s::yaml_files(&examples().join("webhook")) {
+        let name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("name")
+            .to_string();
+        let text = std::fs::read_to_string(&file).expect("read");
+        let text = edit(&name, &text);
+        docs.extend(k8s::parse(&format!("webhook/{name}"), &text).unwrap_or_else(|e| panic!("{e}")));
+    }
+    docs
+}
+
+/// The webhook problems after replacing `from` with `to` (once) in `file`.
+fn webhook_problems_after(file: &str, from: &str, to: &str) -> Vec<String> {
+    let docs = webhook_docs(|name, text| {
+        if name != file {
+            return text.to_string();
+        }
+        let edited = text.replacen(from, to, 1);
+        assert_ne!(edited, text, "{from:?} is not in {file}");
+        edited
+    });
+    k8s::webhook::check(&docs)
+}
+
+#[test]
+fn the_webhook_example_parses_strictly_and_fits_together() {
+    let docs = webhook_docs(|_, t| t.to_string());
+    let has = |f: fn(&Object) -> bool| docs.iter().any(|d| f(&d.object));
+    assert!(has(|o| matches!(o, Object::MutatingWebhookConfiguration(_))));
+    assert!(has(|o| matches!(o, Object::Service(_))));
+    assert!(has(|o| matches!(o, Object::Deployment(_))));
+    assert!(has(|o| matches!(
+        o,
+        Object::Custom(k8s::custom::Custom::Certificate { .. })
+    )));
+    let problems = k8s::webhook::check(&docs);
+    assert!(
+        problems.is_empty(),
+        "problems in examples/kubernetes/webhook:\n  {}",
+        problems.join("\n  ")
+    );
+
+    // A misspelt field is an error, in the typed objects and in cert-manager's.
+    let text =
+        std::fs::read_to_string(examples().join("webhook/mutatingwebhookconfiguration.yaml")).expect("read");
+    let typo = text.replacen("reinvocationPolicy: IfNeeded", "reinvokationPolicy: IfNeeded", 1);
+    let err = k8s::parse("mwc", &typo).expect_err("a misspelt field is an error");
+    assert!(
+        err.contains("webhooks.0.reinvokationPolicy") || err.contains("reinvokationPolicy"),
+        "{err}"
+    );
+    let text = std::fs::read_to_string(examples().join("webhook/certificate.yaml")).expect("read");
+    let typo = text.replacen("renewBefore: 720h", "renewBefor: 720h", 1);
+    let err = k8s::parse("certificate", &typo).expect_err("a misspelt cert-manager field is an error");
+    assert!(err.contains("spec.renewBefor"), "{err}");
+}
+
+#[test]
+fn the_webhook_checks_catch_the_usual_mistakes() {
+    let mwc = "mutatingwebhookconfiguration.yaml";
+    // The namespace entry calling the pod path would inject nothing it was sent for.
+    let p = webhook_problems_after(mwc, "path: /mutate-namespace", "path: /mutate");
+    assert_caught(&p, "selects namespaces by label but calls /mutate");
+    let p = webhook_problems_after(mwc, "path: /mutate\n", "path: /inject\n");
+    assert_caught(&p, "calls /inject, which the webhook does not serve");
+    // Without the exclusion a down webhook blocks the system pods (and itself).
+    let p = webhook_problems_after(
+        mwc,
+        "values: [\"wasmbassador-system\", \"kube-system\"]",
+        "values: [\"wasmbassador-system\"]",
+    );
+    assert_caught(&p, "does not exclude namespace \"kube-system\"");
+    let p = webhook_problems_after(mwc, "name: wasmbassador-webhook\n", "name: wasmbassador-webhok\n");
+    assert_caught(
+        &p,
+        "calls Service wasmbassador-system/wasmbassador-webhok, which is not defined",
+    );
+    // The Service, the container port and --listen must agree.
+    let p = webhook_problems_after("webhook.yaml", "containerPort: 8443", "containerPort: 9443");
+    assert_caught(
+        &p,
+        "reaches container port 9443, but the webhook listens on 0.0.0.0:8443",
+    );
+    let p = webhook_problems_after("webhook.yaml", "      port: 443\n", "      port: 8443\n");
+    assert_caught(
+        &p,
+        "calls port 443, which Service wasmbassador-webhook does not have",
+    );
+    // A subPath mount never sees the renewed certificate.
+    let p = webhook_problems_after(
+        "webhook.yaml",
+        "mountPath: /etc/wasmbassador/webhook-tls\n",
+        "mountPath: /etc/wasmbassador/webhook-tls/tls.crt\n              subPath: tls.crt\n",
+    );
+    assert_caught(&p, "mounted with subPath");
+    // The certificate must be valid for the name the API server calls.
+    let p = webhook_problems_after(
+        "certificate.yaml",
+        "- wasmbassador-webhook.wasmbassador-system.svc\n",
+        "- webhook.wasmbassador-system.svc\n",
+    );
+    assert_caught(&p, "lack wasmbassador-webhook.wasmbassador-system.svc");
+    let p = webhook_problems_after(
+        "certificate.yaml",
+        "secretName: wasmbassador-webhook-tls",
+        "secretName: other",
+    );
+    assert_caught(&p, "but the Certificate writes \"other\"");
+}
+
+/// The Deployment's args, with the paths and address swapped for test ones, start the
+/// real binary: the flags exist and the image it injects is the one written there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_deployment_args_start_the_binary() {
+    let docs = webhook_docs(|_, t| t.to_string());
+    let args = docs
+        .iter()
+        .filter_map(|d| d.object.pod_spec())
+        .flat_map(|s| s.containers.iter())
+        .find_map(|c| {
+            c.args
+                .clone()
+                .filter(|a| a.first().is_some_and(|a| a == "webhook"))
+        })
+        .expect("a container running `wasmbassador webhook`");
+    let pki = support::Pki::new();
+    let cert = pki.server_cert(&["wasmbassador-webhook.wasmbassador-system.svc"]);
+    let mut local = args.clone();
+    for (flag, value) in [
+        ("--listen", "127.0.0.1:0".to_string()),
+        ("--cert", cert.cert.display().to_string()),
+        ("--key", cert.key.display().to_string()),
+    ] {
+        let at = local.iter().position(|a| a == flag).expect(flag) + 1;
+        local[at] = value;
+    }
+    let mut process = support::process::Process::spawn(&local);
+    let line = process
+        .wait_for_stderr("webhook listening", support::process::START_TIMEOUT)
+        .await;
+    let image = k8s::flag(&args, "--image").expect("--image");
+    assert!(line.contains(image), "{line}");
+}

@@ -10,7 +10,15 @@
 //!   mounted with `subPath`, and every file the config names is mounted.
 //! - [`validate_config`]: the config from the ConfigMap passes `wasmbassador validate`
 //!   with generated certificates and the real built plugins.
+//! - [`webhook::check`]: the admission webhook's objects fit together (paths, ports,
+//!   Service, certificate, exclusions).
+//!
+//! Kinds that k8s-openapi does not know (cert-manager's Certificate and Issuer) are
+//! checked loosely by [`custom`]: the fields that matter, and no unknown key in `spec`.
 #![allow(dead_code)]
+
+pub mod custom;
+pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,6 +29,7 @@ use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, Pod, PodSpec, Probe, Secret, Service, ServiceAccount,
 };
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -50,6 +59,9 @@ pub enum Object {
     ClusterRole(ClusterRole),
     ClusterRoleBinding(ClusterRoleBinding),
     MutatingWebhookConfiguration(MutatingWebhookConfiguration),
+    PodDisruptionBudget(PodDisruptionBudget),
+    /// A cert-manager object, checked loosely (k8s-openapi has no type for it).
+    Custom(custom::Custom),
     Pod(Pod),
     Deployment(Deployment),
     StatefulSet(StatefulSet),
@@ -170,6 +182,8 @@ pub fn typed(doc: &Value) -> Result<Object, String> {
         ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration") => {
             Object::MutatingWebhookConfiguration(strict(doc)?)
         }
+        ("policy/v1", "PodDisruptionBudget") => Object::PodDisruptionBudget(strict(doc)?),
+        (custom::CERT_MANAGER, _) => Object::Custom(custom::loose(doc)?),
         ("apps/v1", "Deployment") => Object::Deployment(strict(doc)?),
         ("apps/v1", "StatefulSet") => Object::StatefulSet(strict(doc)?),
         ("apps/v1", "DaemonSet") => Object::DaemonSet(strict(doc)?),
@@ -294,7 +308,7 @@ pub fn flag<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
 }
 
 /// Resolves `path` through the container's volume mounts and the pod's volumes.
-fn resolve(spec: &PodSpec, c: &Container, path: &str, problems: &mut Vec<String>) -> Mounted {
+pub fn resolve(spec: &PodSpec, c: &Container, path: &str, problems: &mut Vec<String>) -> Mounted {
     let mount = c
         .volume_mounts
         .iter()

@@ -6,7 +6,8 @@
 //!   on a free loopback port, optionally TLS-only;
 //! - [`Redis`]: a real redis-server, TLS with client certificates or plain;
 //! - small networking helpers ([`free_port`], [`wait_for_port`]);
-//! - [`process::Process`]: the `wasmbassador` binary as a child process (async helpers).
+//! - [`process::Process`]: the `wasmbassador` binary as a child process (async helpers);
+//! - [`mount::KubeletVolume`]: a ConfigMap or Secret volume updated the kubelet's way.
 //!
 //! Everything here is blocking (std processes and sockets). Call it while setting a
 //! test up, before the code under test starts; inside `#[tokio::test]` that briefly
@@ -16,6 +17,7 @@
 //! their own PID or `pg_ctl` on their own data folder; nothing is killed by name.
 #![allow(dead_code, unused_imports)]
 
+pub mod mount;
 pub mod pg;
 pub mod pki;
 pub mod plugins;
