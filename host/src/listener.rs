@@ -266,7 +266,10 @@ async fn session(
             // A server that turned the session away on every attempt: the client gets
             // the server's own SQLSTATE (57P03 and kin), which PostgreSQL clients know
             // to retry later, and its message.
-            if let crate::connect::DialError::NotAccepting { sqlstate, message, .. } = &e.last {
+            if let crate::connect::DialError::NotAccepting {
+                sqlstate, message, ..
+            } = &e.last
+            {
                 refuse(&mut sock, &startup, sqlstate, message).await;
                 return Outcome::UpstreamUnreachable;
             }

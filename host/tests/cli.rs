@@ -73,7 +73,12 @@ fn validate_accepts_every_example_config() {
         .collect();
     configs.sort();
     let names: Vec<_> = configs.iter().filter_map(|p| p.file_name()?.to_str()).collect();
-    for wanted in ["design-example.toml", "quickstart.toml", "redis.toml"] {
+    for wanted in [
+        "design-example.toml",
+        "http-service.toml",
+        "quickstart.toml",
+        "redis.toml",
+    ] {
         assert!(
             names.contains(&wanted),
             "examples/{wanted} is missing; found {names:?}"

@@ -1,14 +1,23 @@
-//! Bulk bytes through a `tcp` listener to a plain-text upstream: both directions at
-//! once, large enough that the data path switches from user-space copies to
+//! Bytes through `tcp` listeners: bulk data to a plain-text upstream, both directions
+//! at once, large enough that the data path switches from user-space copies to
 //! splice(2), checked by digest, with a half-close passed on while the other direction
-//! goes on, and byte counters that match what moved.
+//! goes on, and byte counters that match what moved; and `examples/http-service.toml`
+//! carrying plain HTTP from the app to a real HTTPS server.
 
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
+use support::Pki;
 use support::process::Process;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -174,4 +183,110 @@ async fn write_pattern<W: AsyncWriteExt + Unpin>(w: &mut W, seed: u64, len: usiz
         at = end;
         piece = piece * 3 % 300_007 + 1;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_service_example_carries_plain_http_to_an_https_server() {
+    // A real HTTPS server with a certificate for api.internal from the test CA; it
+    // answers with what it saw: the method, the Host header and the body's length.
+    let pki = Pki::new();
+    let cert = pki.server_cert(&["api.internal"]);
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from_pem_file(&cert.cert).expect("certificate PEM")],
+            PrivateKeyDer::from_pem_file(&cert.key).expect("key PEM"),
+        )
+        .expect("server TLS config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let server = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binding the HTTPS server");
+    let https = server.local_addr().expect("server address");
+    let serving = tokio::spawn(async move {
+        loop {
+            let (sock, _) = server.accept().await.expect("accepting");
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // Health probes connect and close without a handshake.
+                let Ok(tls) = acceptor.accept(sock).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let method = req.method().to_string();
+                    let host = req
+                        .headers()
+                        .get(hyper::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
+                    let body = req.into_body().collect().await?.to_bytes();
+                    let answer = format!("{method} host={host} body={} over TLS", body.len());
+                    Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(answer))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+
+    // The example as shipped, pointed at this machine: its first endpoint at a port
+    // where nothing listens (so the connect retry moves on), its second at the server.
+    let dead = support::free_port();
+    let example = std::fs::read_to_string(support::plugins::repo().join("examples/http-service.toml"))
+        .expect("reading examples/http-service.toml");
+    let config = example
+        .replace(
+            "/etc/wasmbassador/tls/ca.pem",
+            &pki.ca_pem_path().display().to_string(),
+        )
+        .replace("127.0.0.1:9901", "127.0.0.1:0")
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("api-a.internal:443", &format!("127.0.0.1:{dead}"))
+        .replace("api-b.internal:443", &https.to_string());
+    assert!(
+        !config.contains(".internal:443"),
+        "every endpoint of the example was pointed at this machine:\n{config}"
+    );
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let path = dir.path().join("http-service.toml");
+    std::fs::write(&path, &config).expect("writing the config");
+    let wb = Process::run(&path).await;
+    let listen = wb.wait_listener("api", PATIENCE).await;
+
+    // Plain HTTP/1.1 from the app, two requests on one keep-alive connection.
+    let sock = TcpStream::connect(listen)
+        .await
+        .expect("connecting to the listener");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(sock))
+        .await
+        .expect("HTTP handshake with the listener");
+    tokio::spawn(conn);
+    for (method, body) in [("GET", ""), ("POST", "order 42")] {
+        let req = Request::builder()
+            .method(method)
+            .uri("/health")
+            .header(hyper::header::HOST, "api.internal")
+            .body(Full::new(Bytes::from(body)))
+            .expect("request");
+        let resp = tokio::time::timeout(PATIENCE, sender.send_request(req))
+            .await
+            .expect("an answer in time")
+            .unwrap_or_else(|e| panic!("{method} through the listener: {e}\n{}", wb.output()));
+        assert_eq!(resp.status(), 200);
+        let text = resp
+            .into_body()
+            .collect()
+            .await
+            .expect("response body")
+            .to_bytes();
+        assert_eq!(
+            String::from_utf8_lossy(&text),
+            format!("{method} host=api.internal body={} over TLS", body.len())
+        );
+    }
+    serving.abort();
 }
