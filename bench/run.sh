@@ -7,12 +7,13 @@
 # - wasmbassador RSS idle and with 1,000 open connections (HAProxy's too, for scale)
 #
 # Usage: bash bench/run.sh            (needs: .ci/run once, for the packages)
-# Knobs: SECONDS_PER_RUN=10 CLIENTS=8 CONNS=1000 WB_BIN=path/to/wasmbassador
+# Knobs: SECONDS_PER_RUN=10 ROUNDS=3 CLIENTS=8 CONNS=1000 WB_BIN=path/to/wasmbassador
 # Prints a Markdown table; nothing is asserted (this is a benchmark, not a test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SECS=${SECONDS_PER_RUN:-10}
+ROUNDS=${ROUNDS:-3}
 CLIENTS=${CLIENTS:-8}
 CONNS=${CONNS:-1000}
 PGBIN=/usr/lib/postgresql/15/bin
@@ -183,17 +184,32 @@ print(next(l.split()[1] for l in open(f"/proc/{pid}/status") if l.startswith("Vm
 PY
 }
 
-echo "running: iperf3 ${SECS}s each" >&2
-I_DIRECT=$(iperf "$IPORT"); I_WB=$(iperf "$W_IPERF"); I_HA=-; I_HAS=-
-[ $HAVE_HA = 1 ] && I_HA=$(iperf "$H_IPERF") && I_HAS=$(iperf "$H_SPLICE")
-echo "running: pgbench -S -c $CLIENTS ${SECS}s each" >&2
-P_DIRECT=$(pgb "$PGPORT" disable); P_WB=$(pgb "$W_PG" disable); P_HA=-
-[ $HAVE_HA = 1 ] && P_HA=$(pgb "$H_PG" disable)
-P_DIRECT_TLS=$(pgb "$PGPORT" verify-ca); P_WB_TLS=$(pgb "$W_PGTLS" disable)
-echo "running: pgbench -S -C (new connection per transaction)" >&2
-C_DIRECT=$(pgb "$PGPORT" disable -C); C_WB=$(pgb "$W_PG" disable -C); C_HA=-
-[ $HAVE_HA = 1 ] && C_HA=$(pgb "$H_PG" disable -C)
-C_DIRECT_TLS=$(pgb "$PGPORT" verify-ca -C); C_WB_TLS=$(pgb "$W_PGTLS" disable -C)
+# Each measure runs ROUNDS times per target, the targets interleaved within a round
+# (direct, wasmbassador, HAProxy, direct, ...), and reports the median: load that comes
+# and goes on a shared machine then hits every target alike.
+median() { python3 -c 'import statistics,sys; v=[float(x) for x in sys.argv[1:] if x not in ("", "-")]; print("-" if not v else "%g" % statistics.median(v))' "$@"; }
+declare -A RUNS
+measure() { # key command... : appends one result to RUNS[key]
+  local key=$1; shift
+  RUNS[$key]="${RUNS[$key]:-} $("$@")"
+}
+for round in $(seq 1 "$ROUNDS"); do
+  echo "round $round of $ROUNDS: iperf3, pgbench -S -c $CLIENTS, pgbench -S -C (${SECS}s each)" >&2
+  measure i_direct iperf "$IPORT"; measure i_wb iperf "$W_IPERF"
+  if [ $HAVE_HA = 1 ]; then measure i_ha iperf "$H_IPERF"; measure i_has iperf "$H_SPLICE"; fi
+  measure p_direct pgb "$PGPORT" disable; measure p_wb pgb "$W_PG" disable
+  [ $HAVE_HA = 1 ] && measure p_ha pgb "$H_PG" disable
+  measure pt_direct pgb "$PGPORT" verify-ca; measure pt_wb pgb "$W_PGTLS" disable
+  measure c_direct pgb "$PGPORT" disable -C; measure c_wb pgb "$W_PG" disable -C
+  [ $HAVE_HA = 1 ] && measure c_ha pgb "$H_PG" disable -C
+  measure ct_direct pgb "$PGPORT" verify-ca -C; measure ct_wb pgb "$W_PGTLS" disable -C
+done
+m() { median ${RUNS[$1]:-}; }
+I_DIRECT=$(m i_direct); I_WB=$(m i_wb); I_HA=$(m i_ha); I_HAS=$(m i_has)
+P_DIRECT=$(m p_direct); P_WB=$(m p_wb); P_HA=$(m p_ha)
+P_DIRECT_TLS=$(m pt_direct); P_WB_TLS=$(m pt_wb)
+C_DIRECT=$(m c_direct); C_WB=$(m c_wb); C_HA=$(m c_ha)
+C_DIRECT_TLS=$(m ct_direct); C_WB_TLS=$(m ct_wb)
 echo "running: $CONNS open connections" >&2
 WB_CONN_RSS=$(hold_conns "$W_REDIS" "$WB_PID"); HA_CONN_RSS=-; HA_IDLE_RSS=-
 if [ $HAVE_HA = 1 ]; then HA_IDLE_RSS=$(rss_kib "$HA_PID"); HA_CONN_RSS=$(hold_conns "$H_REDIS" "$HA_PID"); fi
@@ -203,7 +219,7 @@ mib() { [ "$1" = - ] && echo - || python3 -c "print('%.1f' % ($1/1024))"; }
 
 cat <<EOF
 
-wasmbassador $("$WB" --version | awk '{print $2}') benchmark, $(date -u +%Y-%m-%d), $(nproc) cores, loopback, ${SECS}s per run
+wasmbassador $("$WB" --version | awk '{print $2}') benchmark, $(date -u +%Y-%m-%d), $(nproc) cores, loopback, median of $ROUNDS interleaved rounds of ${SECS}s per measure
 | measure | direct | wasmbassador | HAProxy | wasmbassador / direct | wasmbassador / HAProxy |
 |---|---|---|---|---|---|
 | iperf3 throughput, Gbit/s | $I_DIRECT | $I_WB | $I_HA | $(ratio "$I_WB" "$I_DIRECT") | $(ratio "$I_WB" "$I_HA") |

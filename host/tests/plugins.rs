@@ -460,6 +460,86 @@ async fn the_chain_runs_in_listener_order_first_deny_wins_last_route_wins_and_on
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_left_at_their_default_are_no_longer_called_and_a_0_1_0_plugin_still_runs() {
+    let pki = Pki::new();
+    let pg = Postgres::start(PgOptions::tls_only(pki.server_cert(&["127.0.0.1"])));
+    let mut config = String::from(ADMIN);
+    config.push_str(&pg_upstream("main", &[(pg.addr(), 0, &[])], pki.ca_pem_path()));
+    // allow-all implements on_connect only, access-log on_close only; on close,
+    // allow-all comes first, so once access-log has closed a connection, allow-all's
+    // on_close for it has been called or skipped.
+    config.push_str(&listener("pair", "main", &["allow-all", "access-log"]));
+    config.push_str(&listener("old", "main", &["compat"]));
+    config.push_str(&plugin("allow-all", &wasm("allow-all"), ""));
+    config.push_str(&plugin("access-log", &wasm("access-log"), ""));
+    config.push_str(&plugin("compat", &wasm("compat-0-1-0"), ""));
+    let amb = start_in_process(&config).await;
+    let addr = |name: &str| amb.listener_addr(name).expect("listener is bound");
+    let calls = |plugin: &str, hook: &str| {
+        metric_value(
+            &amb.shared().metrics.encode(),
+            &format!("wasmbassador_plugin_calls_total{{plugin=\"{plugin}\",hook=\"{hook}\"}}"),
+        )
+    };
+    let session = |n: f64| {
+        let listen = addr("pair");
+        async move {
+            let client = connect(listen, "app", "orders", "defaults")
+                .await
+                .unwrap_or_else(|e| panic!("session through allow-all and access-log: {}", error_text(&e)));
+            assert_eq!(current_database(&client).await, "orders");
+            drop(client);
+            wait_until(PATIENCE, "access-log's on_close ran", || async {
+                calls("access-log", "on_close") >= n
+            })
+            .await;
+        }
+    };
+
+    // The first connection calls every hook; the SDK's default bodies tell the host.
+    session(1.0).await;
+    assert_eq!(calls("allow-all", "on_connect"), 1.0);
+    assert_eq!(calls("allow-all", "on_close"), 1.0);
+    assert_eq!(calls("access-log", "on_connect"), 1.0);
+    // From then on only the implemented hooks are called.
+    for n in 2..=6 {
+        session(f64::from(n)).await;
+    }
+    assert_eq!(
+        calls("allow-all", "on_connect"),
+        6.0,
+        "implemented: called every time"
+    );
+    assert_eq!(
+        calls("access-log", "on_close"),
+        6.0,
+        "implemented: called every time"
+    );
+    assert_eq!(calls("allow-all", "on_close"), 1.0, "a default: no longer called");
+    assert_eq!(
+        calls("access-log", "on_connect"),
+        1.0,
+        "a default: no longer called"
+    );
+
+    // A plugin built against 0.1.0 of the interface loads in this host, and both its
+    // hooks run for every connection (it never says a hook is unused).
+    for n in 1..=2 {
+        let (code, message) = refusal(addr("old"), "app", "orders", "compat").await;
+        assert_eq!(code, SqlState::INVALID_AUTHORIZATION_SPECIFICATION);
+        assert_eq!(message, "built against 0.1.0");
+        wait_until(PATIENCE, "the 0.1.0 plugin's on_close ran", || async {
+            calls("compat", "on_close") >= f64::from(n)
+        })
+        .await;
+    }
+    assert_eq!(calls("compat", "on_connect"), 2.0);
+    assert_eq!(calls("compat", "on_close"), 2.0);
+
+    amb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_gets_no_files_no_environment_and_only_the_files_it_was_granted() {
     assert!(
         std::env::vars().count() > 0,

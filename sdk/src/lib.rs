@@ -4,7 +4,7 @@
 //! calls at fixed points in the life of every connection of the listeners that list it.
 //! With this crate a plugin is one type that implements [`Plugin`] and one
 //! [`export_plugin!`] line; the WIT interface underneath (`wit/plugin.wit` in this crate,
-//! package `wasmbassador:plugin@0.1.0`) stays out of sight.
+//! package `wasmbassador:plugin@0.1.1`) stays out of sight.
 //!
 //! # Hooks, in the order they run
 //!

@@ -43,9 +43,12 @@ pub trait Plugin: 'static {
     /// If it panics, runs past the plugin's `timeout` or exceeds its `memory`, the
     /// plugin's `on_error` policy answers instead (`deny` by default).
     ///
-    /// Default: [`Verdict::Allow`].
+    /// Default: [`Verdict::Allow`]; the host then stops calling this hook for the
+    /// plugin, since it costs a call and decides nothing.
     fn on_connect(&self, connection: &Connection) -> Verdict {
         let _ = connection;
+        // Lets the host skip this hook from now on (see `host.hook-unused`).
+        crate::runtime::default_hook_ran();
         Verdict::Allow
     }
 
@@ -55,8 +58,9 @@ pub trait Plugin: 'static {
     /// freely. A panic or timeout here is counted and logged by the host; nothing else
     /// happens.
     ///
-    /// Default: does nothing.
+    /// Default: does nothing, and the host then stops calling this hook for the plugin.
     fn on_close(&self, closed: &Closed) {
         let _ = closed;
+        crate::runtime::default_hook_ran();
     }
 }

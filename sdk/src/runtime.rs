@@ -3,6 +3,7 @@
 
 use std::cell::{Cell, RefCell};
 
+use crate::__private::bindings::wasmbassador::plugin::host;
 use crate::__private::bindings::wasmbassador::plugin::types as wit;
 use crate::log::{self, Level};
 use crate::{Closed, Config, Connection, Plugin};
@@ -12,6 +13,32 @@ thread_local! {
     // demands on the plugin type.
     static PLUGIN: RefCell<Option<Box<dyn Plugin>>> = const { RefCell::new(None) };
     static PANIC_HOOK: Cell<bool> = const { Cell::new(false) };
+    // Set by the default body of a hook; the glue then tells the host that the hook
+    // is unused, once per hook and instance.
+    static DEFAULT_RAN: Cell<bool> = const { Cell::new(false) };
+    static REPORTED: Cell<[bool; 2]> = const { Cell::new([false; 2]) };
+}
+
+/// Called from the default bodies of [`Plugin::on_connect`] and [`Plugin::on_close`]:
+/// plain Rust state, so a plugin's native unit tests may call those defaults.
+pub(crate) fn default_hook_ran() {
+    DEFAULT_RAN.set(true);
+}
+
+/// Runs `hook` and, if it turned out to be a default body, tells the host (once) that
+/// the plugin leaves it unused, so the host can stop calling it.
+fn watching_default<R>(which: host::Hook, index: usize, hook: impl FnOnce() -> R) -> R {
+    DEFAULT_RAN.set(false);
+    let result = hook();
+    if DEFAULT_RAN.replace(false) {
+        let mut reported = REPORTED.get();
+        if !reported[index] {
+            reported[index] = true;
+            REPORTED.set(reported);
+            host::hook_unused(which);
+        }
+    }
+    result
 }
 
 /// `init`: builds a fresh plugin value and lets it read its config. Only a value whose
@@ -29,7 +56,7 @@ pub fn init<P: Plugin>(config: String, make: impl FnOnce() -> P) -> Result<(), S
 pub fn on_connect(info: wit::ConnectInfo) -> wit::Verdict {
     let connection = Connection::from(info);
     PLUGIN.with_borrow(|plugin| match plugin {
-        Some(plugin) => plugin.on_connect(&connection).into(),
+        Some(plugin) => watching_default(host::Hook::OnConnect, 0, || plugin.on_connect(&connection)).into(),
         // Serving a connection with an unconfigured plugin could let through what its
         // config forbids; a trap makes the host apply the `on_error` policy instead.
         None => panic!("on-connect called before a successful init"),
@@ -40,7 +67,7 @@ pub fn on_connect(info: wit::ConnectInfo) -> wit::Verdict {
 pub fn on_close(info: wit::CloseInfo) {
     let closed = Closed::from(info);
     PLUGIN.with_borrow(|plugin| match plugin {
-        Some(plugin) => plugin.on_close(&closed),
+        Some(plugin) => watching_default(host::Hook::OnClose, 1, || plugin.on_close(&closed)),
         None => panic!("on-close called before a successful init"),
     })
 }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
@@ -46,7 +47,15 @@ pub struct PluginContext {
     /// Plugin-defined metrics of the whole process.
     pub metrics: Arc<PluginMetrics>,
     log_window: Mutex<(Instant, u32, u64)>,
+    /// Hooks this version declared it leaves at their default (`hook-unused`), by
+    /// [`HOOK_ON_CONNECT`] and [`HOOK_ON_CLOSE`]: the host skips calling them.
+    pub unused: [AtomicBool; 2],
 }
+
+/// Index of `on-connect` in [`PluginContext::unused`].
+pub const HOOK_ON_CONNECT: usize = 0;
+/// Index of `on-close` in [`PluginContext::unused`].
+pub const HOOK_ON_CLOSE: usize = 1;
 
 impl PluginContext {
     /// A context for one loaded version.
@@ -64,6 +73,7 @@ impl PluginContext {
             memory,
             metrics,
             log_window: Mutex::new((Instant::now(), 0, 0)),
+            unused: [AtomicBool::new(false), AtomicBool::new(false)],
         }
     }
 }
@@ -211,6 +221,17 @@ impl host::Host for HostState {
             self.ctx
                 .metrics
                 .record(&self.ctx, &name, label_values, Record::Observe(value));
+        }
+    }
+
+    fn hook_unused(&mut self, hook: host::Hook) {
+        let index = match hook {
+            host::Hook::OnConnect => HOOK_ON_CONNECT,
+            host::Hook::OnClose => HOOK_ON_CLOSE,
+        };
+        // Every instance of the version says the same; the first one decides.
+        if !self.ctx.unused[index].swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::debug!(plugin = %self.ctx.name, generation = self.ctx.generation, ?hook, "plugin leaves this hook at its default; no longer called");
         }
     }
 

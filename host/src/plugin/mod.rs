@@ -258,6 +258,10 @@ impl Loaded {
 
     /// `on-connect`; `Err` means the call failed and the policy decides.
     pub fn on_connect(&self, info: &ConnectInfo) -> Result<Verdict, HookError> {
+        // A hook the plugin left at its default answers `allow` without a call.
+        if self.ctx.unused[host::HOOK_ON_CONNECT].load(Ordering::Relaxed) {
+            return Ok(Verdict::Allow);
+        }
         self.call("on_connect", &self.on_connect_metrics, |store, p| {
             p.wasmbassador_plugin_hooks().call_on_connect(store, info)
         })
@@ -265,6 +269,9 @@ impl Loaded {
 
     /// `on-close`; failures are counted and logged, nothing else.
     pub fn on_close(&self, info: &CloseInfo) {
+        if self.ctx.unused[host::HOOK_ON_CLOSE].load(Ordering::Relaxed) {
+            return;
+        }
         let _ = self.call("on_close", &self.on_close_metrics, |store, p| {
             p.wasmbassador_plugin_hooks().call_on_close(store, info)
         });
