@@ -9,6 +9,8 @@
 //! # Hooks, in the order they run
 //!
 //! Every method of [`Plugin`] has a default, so a plugin implements only what it needs.
+//! A hook left at its default costs nothing after the first connection: the default
+//! body tells the host once, and the host stops calling it for that plugin version.
 //!
 //! | hook | when | may | default | on error or timeout |
 //! |---|---|---|---|---|
