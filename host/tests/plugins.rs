@@ -642,21 +642,28 @@ fn validate_accepts_each_plugin_example_and_names_the_file_and_step_of_a_bad_plu
         );
     }
 
-    // Three plugins that fail three different steps: every one is reported, each with
-    // its file and what failed.
+    // Plugins that fail at different steps (a plugin built for a newer host among them):
+    // every one is reported, each with its file and what failed.
     let dir = tempfile::tempdir().expect("temp dir");
     let garbage = dir.path().join("garbage.wasm");
     std::fs::write(&garbage, b"\0asm but not really: a half-written upload").expect("write garbage");
     let wrong_world = dir.path().join("wrong_world.wasm");
     std::fs::copy(wasm("wrong-world"), &wrong_world).expect("copy plugin");
+    let future = dir.path().join("future.wasm");
+    std::fs::copy(wasm("future-0-1-9"), &future).expect("copy plugin");
     let allow_list = dir.path().join("allow_list.wasm");
     std::fs::copy(wasm("allow-list"), &allow_list).expect("copy plugin");
     let mut config = String::from(ADMIN);
-    config.push_str(&listener("pg", "pg", &["garbage", "wrong-world", "bad-config"]));
+    config.push_str(&listener(
+        "pg",
+        "pg",
+        &["garbage", "wrong-world", "future", "bad-config"],
+    ));
     config
         .push_str("\n[[upstream]]\nname = \"pg\"\n  [[upstream.endpoint]]\n  address = \"127.0.0.1:5432\"\n");
     config.push_str(&plugin("garbage", &garbage, ""));
     config.push_str(&plugin("wrong-world", &wrong_world, ""));
+    config.push_str(&plugin("future", &future, ""));
     config.push_str(&plugin(
         "bad-config",
         &allow_list,
@@ -667,13 +674,18 @@ fn validate_accepts_each_plugin_example_and_names_the_file_and_step_of_a_bad_plu
     let out = wasmbassador(&["validate", "--config", &path.display().to_string()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "validate must refuse:\n{stderr}");
-    assert!(stderr.contains("3 plugin(s) refused"), "{stderr}");
+    assert!(stderr.contains("4 plugin(s) refused"), "{stderr}");
     for (name, file, step) in [
         ("garbage", &garbage, "is not a usable WebAssembly component"),
         (
             "wrong-world",
             &wrong_world,
             "does not implement the wasmbassador:plugin world",
+        ),
+        (
+            "future",
+            &future,
+            "built against wasmbassador:plugin@0.1.9, newer than the 0.1.1 this wasmbassador implements",
         ),
         ("bad-config", &allow_list, "init failed"),
     ] {

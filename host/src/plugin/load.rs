@@ -177,6 +177,7 @@ fn first_line(e: &wasmtime::Error) -> String {
 /// empty environment, no arguments, no preopened directories — and a trap for every
 /// other WASI function (stdio, files, clocks, sockets, random).
 fn linker(engine: &wasmtime::Engine, component: &Component) -> wasmtime::Result<Linker<HostState>> {
+    newer_interface(engine, component)?;
     let mut linker = Linker::new(engine);
     Plugin::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)?;
     let ty = component.component_type();
@@ -207,11 +208,63 @@ fn linker(engine: &wasmtime::Engine, component: &Component) -> wasmtime::Result<
     Ok(linker)
 }
 
+/// The version of the `wasmbassador:plugin` package this host implements (the WIT file
+/// in `sdk/wit/`).
+pub const WIT_VERSION: (u64, u64, u64) = (0, 1, 1);
+
+/// Refuses a component built against a newer version of our package than this host
+/// implements. wasmtime links such an import to the older interface of the same track,
+/// and the stubs for unknown imports would then answer every host call with a trap, so
+/// the plugin would fail at its first call with nothing to say why.
+fn newer_interface(engine: &wasmtime::Engine, component: &Component) -> wasmtime::Result<()> {
+    for (import, _) in component.component_type().imports(engine) {
+        let Some(rest) = import.strip_prefix("wasmbassador:plugin/") else {
+            continue;
+        };
+        let Some((_, version)) = rest.split_once('@') else {
+            continue;
+        };
+        let mut parts = version
+            .split(['.', '-', '+'])
+            .map(|p| p.parse::<u64>().unwrap_or(u64::MAX));
+        let theirs = (
+            parts.next().unwrap_or(0),
+            parts.next().unwrap_or(0),
+            parts.next().unwrap_or(0),
+        );
+        if theirs > WIT_VERSION {
+            let (a, b, c) = WIT_VERSION;
+            wasmtime::bail!(
+                "it was built against wasmbassador:plugin@{version}, newer than the {a}.{b}.{c} this \
+                 wasmbassador implements (it imports {import}): rebuild it with a wasmbassador-sdk of \
+                 {a}.{b}.{c} or upgrade wasmbassador"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Whether `path` names the file configured for a plugin (after resolving symlinks,
 /// as a ConfigMap mount has them).
 pub fn same_file(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(x), Ok(y)) => x == y,
         _ => a == b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wit_version_is_the_package_version_of_the_wit_file() {
+        let wit = include_str!("../../../sdk/wit/plugin.wit");
+        let line = wit
+            .lines()
+            .find_map(|l| l.strip_prefix("package wasmbassador:plugin@"))
+            .expect("a package line");
+        let (a, b, c) = WIT_VERSION;
+        assert_eq!(line, format!("{a}.{b}.{c};"), "bump WIT_VERSION with the package");
     }
 }
