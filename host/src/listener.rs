@@ -94,9 +94,10 @@ pub async fn accept_loop(
             continue;
         };
         let shared2 = shared.clone();
+        let stop2 = stop.clone();
         shared
             .tracker
-            .spawn(async move { serve(shared2, st, sock, peer, permit).await });
+            .spawn(async move { serve(shared2, st, sock, peer, permit, stop2).await });
     }
 }
 
@@ -117,12 +118,20 @@ async fn serve(
     mut sock: TcpStream,
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
+    stop: CancellationToken,
 ) {
     let m = &shared.metrics;
     m.connections.get_or_create(&st.labels).inc();
     let active = m.connections_active.get_or_create(&st.labels).clone();
     active.inc();
     let _ = sock.set_nodelay(true);
+    if st.config.protocol == Protocol::Http {
+        // Requests, not connections, meet upstreams here: each goes through the
+        // upstream's pool (and, later, the per-request plugin hooks).
+        crate::http::serve(shared.clone(), st.clone(), sock, peer, stop).await;
+        active.dec();
+        return;
+    }
     let started = Instant::now();
     let startup = match st.config.protocol {
         Protocol::Postgres => read_startup(&shared, &st, &mut sock, peer).await.map(Some),
@@ -266,7 +275,10 @@ async fn session(
             // A server that turned the session away on every attempt: the client gets
             // the server's own SQLSTATE (57P03 and kin), which PostgreSQL clients know
             // to retry later, and its message.
-            if let crate::connect::DialError::NotAccepting { sqlstate, message, .. } = &e.last {
+            if let crate::connect::DialError::NotAccepting {
+                sqlstate, message, ..
+            } = &e.last
+            {
                 refuse(&mut sock, &startup, sqlstate, message).await;
                 return Outcome::UpstreamUnreachable;
             }
