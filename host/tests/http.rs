@@ -739,8 +739,8 @@ async fn an_unreachable_upstream_is_a_502_naming_it_and_a_silent_one_a_504() {
     amb.shutdown().await;
 }
 
-/// Sends raw bytes on a fresh connection and returns what comes back before the
-/// server closes (or the first 4 KiB).
+/// Sends raw bytes on a fresh connection and returns what comes back until the
+/// server closes, a whole response head has arrived, or 4 KiB.
 async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(bytes).await.expect("write");
@@ -751,7 +751,7 @@ async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
             Ok(Ok(0)) | Ok(Err(_)) => break,
             Ok(Ok(n)) => {
                 got.extend_from_slice(&buf[..n]);
-                if got.len() >= 4096 {
+                if got.len() >= 4096 || got.windows(4).any(|w| w == b"\r\n\r\n") {
                     break;
                 }
             }
@@ -793,6 +793,13 @@ async fn bad_input_on_one_app_connection_leaves_the_others_alone() {
     let oversized = raw(addr, &huge).await;
     assert!(oversized.starts_with("HTTP/1.1 431"), "{oversized:?}");
 
+    let connect = raw(
+        addr,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    )
+    .await;
+    assert!(connect.starts_with("HTTP/1.1 405"), "{connect:?}");
+
     let bad_h2 = raw(
         addr,
         b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x04\x99garbage-frame",
@@ -815,4 +822,46 @@ async fn bad_input_on_one_app_connection_leaves_the_others_alone() {
     }
     drop(slow);
     amb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_app_connections_close_and_a_drain_ends_keep_alive_connections_gracefully() {
+    let pki = Pki::new();
+    let one = Upstream::start(&pki, "one", &[b"http/1.1"]).await;
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ndrain_timeout = \"10m\"\n{}{}{}",
+        listener_block("idle", "api", "idle_timeout = \"300ms\""),
+        listener_block("api", "api", ""),
+        upstream_block(&pki, "api", &[(one.addr, 0)], ""),
+    );
+    let amb = Ambassador::start(Config::parse(&text, "t").expect("config"))
+        .await
+        .expect("start");
+
+    // After one request, an idle keep-alive connection is closed by wasmbassador.
+    let mut s = TcpStream::connect(listener(&amb, "idle")).await.expect("connect");
+    s.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut got))
+        .await
+        .expect("the idle connection was closed")
+        .expect("read");
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        got.starts_with("HTTP/1.1 200") && got.contains("hello from one"),
+        "{got}"
+    );
+
+    // A keep-alive connection does not hold up a drain: it is closed between
+    // requests, long before the ten-minute drain timeout.
+    let mut app = h1(listener(&amb, "api")).await;
+    let resp = app.send_request(get("/hello")).await.expect("request");
+    body_text(resp.into_body()).await;
+    tokio::time::timeout(PATIENCE, amb.shutdown())
+        .await
+        .expect("drain finished without waiting for the drain timeout");
+    let after = app.send_request(get("/hello")).await;
+    assert!(after.is_err(), "the app connection was closed: {after:?}");
 }

@@ -43,8 +43,11 @@ use crate::metrics::HttpRequestLabels;
 use crate::upstream::Upstream;
 use pool::{ConnInfo, PoolConnectError};
 
-/// A client gets this long to send a complete HTTP/1.1 request head (slowloris).
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Without `idle_timeout`, an HTTP/1.1 client gets this long to send each complete
+/// request head. hyper starts this clock when it waits for the next request, so it
+/// also closes keep-alive connections idle this long: long enough that client pools
+/// rarely race a close, short enough to bound slowloris heads.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest request head accepted; beyond it HTTP/1.1 clients get a 431.
 const MAX_HEAD: usize = 64 * 1024;
 
@@ -73,7 +76,7 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEAD_TIMEOUT)
+        .header_read_timeout(idle.unwrap_or(HEAD_TIMEOUT))
         .max_buf_size(MAX_HEAD);
     builder
         .http2()
@@ -141,6 +144,14 @@ impl Ctx {
 
     async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
         let name = &self.st.config.upstream;
+        if req.method() == http::Method::CONNECT {
+            // A tunnel would bypass everything this listener is for; the upstream is
+            // fixed by configuration anyway.
+            return local(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "wasmbassador: CONNECT is not supported on http listeners\n".into(),
+            );
+        }
         let Some(up) = self.shared.upstream(name) else {
             return local(
                 StatusCode::BAD_GATEWAY,
