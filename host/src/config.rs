@@ -215,6 +215,39 @@ pub struct HttpUpstreamConfig {
     /// rebalanced endpoints and rotated certificates take effect).
     #[serde(with = "duration")]
     pub max_lifetime: Duration,
+    /// Retries of idempotent requests.
+    pub retry: HttpRetryConfig,
+}
+
+/// `upstream.http.retry`: retries of GET, HEAD and OPTIONS requests without a body,
+/// when the upstream resets the request, answers 502/503/504, or does not answer
+/// within `per_try_timeout` — always before the app has seen any byte of a response.
+/// Connect failures are retried by `upstream.retry` in any case.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpRetryConfig {
+    /// Tries per request, the first included (1 = no retries).
+    pub attempts: u32,
+    /// Deadline of one try (response head); by default only `request_timeout`
+    /// bounds the tries together.
+    #[serde(with = "opt_duration")]
+    pub per_try_timeout: Option<Duration>,
+    /// Retries may add at most this percentage of the upstream's requests...
+    pub budget_percent: f64,
+    /// ...plus this many retries per second, so that a quiet upstream can still
+    /// retry.
+    pub min_retries_per_second: f64,
+}
+
+impl Default for HttpRetryConfig {
+    fn default() -> Self {
+        Self {
+            attempts: 2,
+            per_try_timeout: None,
+            budget_percent: 20.0,
+            min_retries_per_second: 10.0,
+        }
+    }
 }
 
 impl Default for HttpUpstreamConfig {
@@ -225,6 +258,7 @@ impl Default for HttpUpstreamConfig {
             pool_max_idle: 32,
             pool_idle_timeout: Duration::from_secs(90),
             max_lifetime: Duration::from_secs(600),
+            retry: HttpRetryConfig::default(),
         }
     }
 }
@@ -830,6 +864,34 @@ impl Checker<'_> {
             }
             if h.max_lifetime.is_zero() {
                 report(&label, Some("http.max_lifetime"), "must be more than 0s".into());
+            }
+            if h.retry.attempts == 0 || h.retry.attempts > 10 {
+                report(
+                    &label,
+                    Some("http.retry.attempts"),
+                    "must be between 1 and 10".into(),
+                );
+            }
+            if h.retry.per_try_timeout.is_some_and(|d| d.is_zero()) {
+                report(
+                    &label,
+                    Some("http.retry.per_try_timeout"),
+                    "must be more than 0s".into(),
+                );
+            }
+            if !(0.0..=100.0).contains(&h.retry.budget_percent) {
+                report(
+                    &label,
+                    Some("http.retry.budget_percent"),
+                    "must be between 0 and 100".into(),
+                );
+            }
+            if !(0.0..=10_000.0).contains(&h.retry.min_retries_per_second) {
+                report(
+                    &label,
+                    Some("http.retry.min_retries_per_second"),
+                    "must be between 0 and 10000".into(),
+                );
             }
             if let Some(host) = &h.host
                 && (host.parse::<http::uri::Authority>().is_err() || host.contains('@'))

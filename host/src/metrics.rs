@@ -50,6 +50,17 @@ pub struct HttpRequestLabels {
     pub class: &'static str,
 }
 
+/// Labels of HTTP request retries.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpRetryLabels {
+    /// Listener name.
+    pub listener: String,
+    /// What prompted it: `reset`, `status` (502/503/504) or `timeout`.
+    pub reason: &'static str,
+    /// `retried`, or `budget_exhausted` when the retry budget refused it.
+    pub outcome: &'static str,
+}
+
 /// Labels of upstream HTTP connections.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpConnectionLabels {
@@ -141,6 +152,8 @@ pub struct Metrics {
     pub http_upstream_duration: Family<EndpointLabels, Histogram>,
     /// Upstream connections opened by HTTP pools (reuse shows as few of these).
     pub http_connections_opened: Family<HttpConnectionLabels, Counter>,
+    /// Retries of idempotent HTTP requests, and retries the budget refused.
+    pub http_retries: Family<HttpRetryLabels, Counter>,
     /// Counters and histograms that plugins declare.
     pub plugin_metrics: std::sync::Arc<crate::plugin::host::PluginMetrics>,
 }
@@ -186,6 +199,7 @@ impl Metrics {
             http_requests: Family::default(),
             http_upstream_duration: Family::new_with_constructor(connect_histogram),
             http_connections_opened: Family::default(),
+            http_retries: Family::default(),
             plugin_metrics: Default::default(),
             registry: Registry::default(),
         };
@@ -277,6 +291,11 @@ impl Metrics {
             "http_upstream_connections_opened",
             "Upstream connections opened by HTTP connection pools",
             m.http_connections_opened.clone(),
+        );
+        r.register(
+            "http_retries",
+            "Retries of idempotent HTTP requests (outcome budget_exhausted: refused by the retry budget)",
+            m.http_retries.clone(),
         );
         r.register(
             "plugin_metric_records_dropped",

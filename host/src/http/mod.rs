@@ -15,6 +15,7 @@
 
 pub mod headers;
 pub mod pool;
+pub mod retry;
 
 use std::convert::Infallible;
 use std::io;
@@ -39,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::ambassador::Shared;
 use crate::connect::DialError;
 use crate::listener::ListenerState;
-use crate::metrics::HttpRequestLabels;
+use crate::metrics::{HttpRequestLabels, HttpRetryLabels};
 use crate::upstream::Upstream;
 use pool::{ConnInfo, PoolConnectError};
 
@@ -193,21 +194,121 @@ impl Ctx {
         // The pool picks HTTP/1.1 or HTTP/2 per connection; a request marked HTTP/2
         // would be refused by an HTTP/1.1 connection.
         parts.version = Version::HTTP_11;
-        let mut outbound = Request::from_parts(parts, body);
-        let captured = capture_connection(&mut outbound);
+        let retryable = retry::retryable(&parts.method, hyper::body::Body::is_end_stream(&body));
+        pool.budget.deposit();
+        let attempts = if retryable { pool.retry.attempts.max(1) } else { 1 };
         let timeout = self.st.config.request_timeout();
-        let sent = Instant::now();
-        let resp = match tokio::time::timeout(timeout, pool.client().request(outbound)).await {
-            Err(_) => {
-                tracing::warn!(listener = %self.st.config.name, upstream = %name, ?timeout, "no response head within request_timeout");
+        let deadline = Instant::now() + timeout;
+        // Without retries the app's body streams; with them there is no body to keep.
+        let mut streamed = Some(body);
+        let mut try_no = 0;
+        loop {
+            try_no += 1;
+            let last_try = try_no >= attempts;
+            let mut outbound = if retryable {
+                let mut b = Request::builder()
+                    .method(parts.method.clone())
+                    .uri(parts.uri.clone())
+                    .version(parts.version);
+                if let Some(h) = b.headers_mut() {
+                    *h = parts.headers.clone();
+                }
+                match b.body(Either::Right(http_body_util::Empty::new())) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return local(
+                            StatusCode::BAD_REQUEST,
+                            format!("wasmbassador: unusable request: {e}\n"),
+                        );
+                    }
+                }
+            } else {
+                let Some(body) = streamed.take() else {
+                    // Unreachable: a streamed request has one try.
+                    return local(StatusCode::BAD_GATEWAY, "wasmbassador: no body to send\n".into());
+                };
+                let mut r = Request::new(Either::Left(body));
+                *r.method_mut() = parts.method.clone();
+                *r.uri_mut() = parts.uri.clone();
+                *r.version_mut() = parts.version;
+                *r.headers_mut() = std::mem::take(&mut parts.headers);
+                r
+            };
+            let captured = capture_connection(&mut outbound);
+            let left = deadline.saturating_duration_since(Instant::now());
+            let this_try = pool.retry.per_try_timeout.map_or(left, |p| p.min(left));
+            let sent = Instant::now();
+            let reason = match tokio::time::timeout(this_try, pool.client().request(outbound)).await {
+                Err(_) if last_try || Instant::now() >= deadline => {
+                    tracing::warn!(listener = %self.st.config.name, upstream = %name, ?timeout, "no response head in time");
+                    return local(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("wasmbassador: upstream {name:?} did not answer within {this_try:?}\n"),
+                    );
+                }
+                Err(_) => "timeout",
+                // Connect failures were retried already, across endpoints, by the
+                // connector (`upstream.retry`).
+                Ok(Err(e)) if last_try || e.is_connect() => return self.failed(&up, &e),
+                Ok(Err(e)) => {
+                    tracing::debug!(listener = %self.st.config.name, upstream = %name, error = %e, "request reset upstream");
+                    "reset"
+                }
+                Ok(Ok(resp)) if !last_try && retry::retry_status(resp.status()) => {
+                    tracing::debug!(listener = %self.st.config.name, upstream = %name, status = %resp.status(), "upstream answered with a retryable status");
+                    if !self.may_retry(pool, "status") {
+                        return self.respond(pool, resp, &captured, sent, received);
+                    }
+                    // Dropping it unread gives up that connection; the next try may
+                    // use another.
+                    drop(resp);
+                    tokio::time::sleep(
+                        up.config
+                            .retry
+                            .backoff
+                            .min(deadline.saturating_duration_since(Instant::now())),
+                    )
+                    .await;
+                    continue;
+                }
+                Ok(Ok(resp)) => return self.respond(pool, resp, &captured, sent, received),
+            };
+            if !self.may_retry(pool, reason) {
                 return local(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("wasmbassador: upstream {name:?} did not answer within {timeout:?}\n"),
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "wasmbassador: upstream {name:?} failed the request ({reason}) and the retry budget is spent\n"
+                    ),
                 );
             }
-            Ok(Err(e)) => return self.failed(&up, &e),
-            Ok(Ok(r)) => r,
-        };
+        }
+    }
+
+    /// Asks the budget for one retry and counts the answer.
+    fn may_retry(&self, pool: &pool::Pool, reason: &'static str) -> bool {
+        let ok = pool.budget.withdraw();
+        self.shared
+            .metrics
+            .http_retries
+            .get_or_create(&HttpRetryLabels {
+                listener: self.st.config.name.clone(),
+                reason,
+                outcome: if ok { "retried" } else { "budget_exhausted" },
+            })
+            .inc();
+        ok
+    }
+
+    /// Passes an upstream response on: latency recorded, `max_lifetime` applied,
+    /// hop-by-hop fields dropped, `Via` added.
+    fn respond(
+        &self,
+        pool: &pool::Pool,
+        resp: Response<Incoming>,
+        captured: &hyper_util::client::legacy::connect::CaptureConnection,
+        sent: Instant,
+        received: Version,
+    ) -> Response<Body> {
         if let Some(info) = resp.extensions().get::<ConnInfo>() {
             self.shared
                 .metrics

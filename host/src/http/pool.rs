@@ -34,16 +34,24 @@ use crate::connect::{Handshake, UpstreamIo};
 use crate::metrics::HttpConnectionLabels;
 use crate::upstream::{ConnectError, Endpoint, Upstream};
 
+/// A request body as sent upstream: the app's, streamed, or empty for a request
+/// that may be retried (so that every try can send it again).
+pub type OutBody = http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>>;
+
 /// The connection pool of one upstream, built on first use by an `http` listener.
 #[derive(Debug)]
 pub struct Pool {
-    client: Client<Connector, Incoming>,
+    client: Client<Connector, OutBody>,
     /// `https` with TLS, else `http` (HTTP/2's `:scheme`).
     pub scheme: Scheme,
     /// What the upstream sees as `Host` / `:authority`, or why there is none.
     pub authority: Result<Authority, String>,
     /// `http.max_lifetime`.
     pub max_lifetime: Duration,
+    /// `http.retry`.
+    pub retry: crate::config::HttpRetryConfig,
+    /// Retries left to this upstream's requests.
+    pub budget: super::retry::Budget,
 }
 
 impl Pool {
@@ -73,11 +81,13 @@ impl Pool {
             },
             authority: super::headers::upstream_authority(&upstream.config),
             max_lifetime: cfg.max_lifetime,
+            retry: cfg.retry.clone(),
+            budget: super::retry::Budget::new(&cfg.retry),
         }
     }
 
     /// The pooled client.
-    pub fn client(&self) -> &Client<Connector, Incoming> {
+    pub fn client(&self) -> &Client<Connector, OutBody> {
         &self.client
     }
 }
