@@ -24,7 +24,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 use support::Pki;
-use support::process::metric_value;
+use support::process::{http_get, metric_value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -521,6 +521,13 @@ async fn get_and_post_reach_http1_and_http2_upstreams_with_their_host_and_withou
         shown.contains("wasmbassador_http_upstream_request_duration_seconds_count{upstream=\"one\""),
         "{shown}"
     );
+
+    let (status, listeners) = http_get(amb.admin_addr(), "/listeners").await;
+    assert_eq!(status, 200);
+    let listeners: serde_json::Value = serde_json::from_str(&listeners).expect("JSON");
+    assert_eq!(listeners[0]["name"], "h1");
+    assert_eq!(listeners[0]["protocol"], "http");
+    assert_eq!(listeners[0]["request_timeout"], "1m");
     amb.shutdown().await;
 }
 
@@ -998,5 +1005,38 @@ async fn the_retry_budget_stops_a_retry_storm() {
             "wasmbassador_http_retries_total{listener=\"api\",reason=\"status\",outcome=\"budget_exhausted\"}"
         ) >= 80.0
     );
+    amb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_past_max_lifetime_is_retired_after_its_next_response() {
+    let pki = Pki::new();
+    let one = Upstream::start(&pki, "one", &[b"http/1.1"]).await;
+    let amb = start(&[
+        listener_block("api", "api", ""),
+        upstream_block(
+            &pki,
+            "api",
+            &[(one.addr, 0)],
+            "http = { max_lifetime = \"200ms\" }",
+        ),
+    ])
+    .await;
+    let addr = listener(&amb, "api");
+    let ask = || async move {
+        let mut app = h1(addr).await;
+        let resp = app.send_request(get("/hello")).await.expect("request");
+        assert_eq!(resp.status(), StatusCode::OK);
+        body_text(resp.into_body()).await;
+    };
+    // The pauses let each connection go back to the pool and grow older than
+    // max_lifetime: ask 1 opens c1; ask 2 reuses c1 (old now), which is then
+    // retired; ask 3 opens c2; ask 4 reuses c2 and retires it. Without retirement
+    // one connection would serve all four.
+    for _ in 0..4 {
+        ask().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(one.accepted(), 2, "connections reused once old, then retired");
     amb.shutdown().await;
 }
