@@ -94,23 +94,37 @@ impl Upstream {
                     };
                     counter.fetch_add(1, Ordering::SeqCst);
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                    let service = hyper::service::service_fn(move |req| handle(name, hits.clone(), req));
-                    let io = TokioIo::new(tls);
-                    if h2 {
-                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                            .serve_connection(io, service)
-                            .await;
-                    } else {
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(io, service)
-                            .await;
-                    }
+                    serve_http(TokioIo::new(tls), h2, name, hits).await;
                 });
             }
         });
         Upstream {
             addr,
             tls_connections,
+            hits,
+            task,
+        }
+    }
+
+    /// A plain-text server: HTTP/1.1, or HTTP/2 by prior knowledge (h2c).
+    async fn start_plain(name: &'static str, h2: bool) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding upstream");
+        let addr = listener.local_addr().expect("upstream address");
+        let hits = Hits::default();
+        let hits2 = hits.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let (tcp, _) = tokio::select! {
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+                    Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+                };
+                conns.spawn(serve_http(TokioIo::new(tcp), h2, name, hits2.clone()));
+            }
+        });
+        Upstream {
+            addr,
+            tls_connections: Arc::new(AtomicUsize::new(0)),
             hits,
             task,
         }
@@ -133,6 +147,22 @@ impl Upstream {
     async fn stop(self) {
         self.task.abort();
         let _ = self.task.await;
+    }
+}
+
+async fn serve_http<I>(io: I, h2: bool, name: &'static str, hits: Hits)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| handle(name, hits.clone(), req));
+    if h2 {
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, service)
+            .await;
+    } else {
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .await;
     }
 }
 
@@ -1038,5 +1068,35 @@ async fn a_pooled_connection_past_max_lifetime_is_retired_after_its_next_respons
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert_eq!(one.accepted(), 2, "connections reused once old, then retired");
+    amb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_text_upstreams_get_http1_by_default_h2c_when_configured_and_a_configured_host() {
+    let h1_server = Upstream::start_plain("plain1", false).await;
+    let h2_server = Upstream::start_plain("plain2", true).await;
+    let amb = start(&[
+        listener_block("a", "plain1", ""),
+        listener_block("b", "plain2", ""),
+        format!("[[upstream]]\nname = \"plain1\"\n  [[upstream.endpoint]]\n  address = \"{}\"\n", h1_server.addr),
+        format!(
+            "[[upstream]]\nname = \"plain2\"\nhttp = {{ version = \"http2\", host = \"orders.internal\" }}\n  [[upstream.endpoint]]\n  address = \"{}\"\n",
+            h2_server.addr
+        ),
+    ])
+    .await;
+    let mut app = h1(listener(&amb, "a")).await;
+    let resp = app.send_request(get("/hello")).await.expect("request");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "x-seen-version"), "HTTP/1.1");
+    assert_eq!(header(&resp, "x-seen-host"), h1_server.addr.to_string());
+    body_text(resp.into_body()).await;
+
+    let mut app = h1(listener(&amb, "b")).await;
+    let resp = app.send_request(get("/hello")).await.expect("request");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "x-seen-version"), "HTTP/2.0");
+    assert_eq!(header(&resp, "x-seen-host"), "orders.internal");
+    assert_eq!(body_text(resp.into_body()).await, "hello from plain2\n");
     amb.shutdown().await;
 }
