@@ -1100,3 +1100,36 @@ async fn plain_text_upstreams_get_http1_by_default_h2c_when_configured_and_a_con
     assert_eq!(body_text(resp.into_body()).await, "hello from plain2\n");
     amb.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_moves_the_upstream_takes_effect_on_open_app_connections() {
+    let pki = Pki::new();
+    let old = Upstream::start(&pki, "old", &[b"h2"]).await;
+    let new = Upstream::start(&pki, "new", &[b"h2"]).await;
+    let config = |to: SocketAddr| {
+        let text = format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n{}{}",
+            listener_block("api", "api", ""),
+            upstream_block(&pki, "api", &[(to, 0)], ""),
+        );
+        Config::parse(&text, "t").expect("config")
+    };
+    let amb = Ambassador::start(config(old.addr)).await.expect("start");
+    let mut app = h1(listener(&amb, "api")).await;
+    let resp = app.send_request(get("/hello")).await.expect("request");
+    assert_eq!(header(&resp, "x-server"), "old");
+    body_text(resp.into_body()).await;
+
+    let summary = amb.reload(config(new.addr)).await.expect("reload");
+    assert!(
+        summary.changed.is_empty() && summary.added.is_empty(),
+        "{summary:?}"
+    );
+    // The same keep-alive app connection: the next request uses the new upstream's pool.
+    app.ready().await.expect("the app connection survived the reload");
+    let resp = app.send_request(get("/hello")).await.expect("request");
+    assert_eq!(header(&resp, "x-server"), "new");
+    body_text(resp.into_body()).await;
+    assert_eq!(new.accepted(), 1);
+    amb.shutdown().await;
+}
