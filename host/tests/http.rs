@@ -931,15 +931,33 @@ async fn idle_app_connections_close_and_a_drain_ends_keep_alive_connections_grac
         "{got}"
     );
 
+    // A head that never ends is cut off too (slowloris), here after idle_timeout.
+    let mut slow = TcpStream::connect(listener(&amb, "idle")).await.expect("connect");
+    slow.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    tokio::time::timeout(PATIENCE, slow.read_to_end(&mut got))
+        .await
+        .expect("the partial head's connection was closed")
+        .ok();
+    let got = String::from_utf8_lossy(&got);
+    assert!(!got.contains("hello from"), "{got}");
+
     // A keep-alive connection does not hold up a drain: it is closed between
     // requests, long before the ten-minute drain timeout.
     let mut app = h1(listener(&amb, "api")).await;
-    let resp = app.send_request(get("/hello")).await.expect("request");
+    let resp = tokio::time::timeout(PATIENCE, app.send_request(get("/hello")))
+        .await
+        .expect("an answer in time")
+        .expect("request");
     body_text(resp.into_body()).await;
     tokio::time::timeout(PATIENCE, amb.shutdown())
         .await
         .expect("drain finished without waiting for the drain timeout");
-    let after = app.send_request(get("/hello")).await;
+    let after = tokio::time::timeout(PATIENCE, app.send_request(get("/hello")))
+        .await
+        .expect("the closed connection fails at once");
     assert!(after.is_err(), "the app connection was closed: {after:?}");
 }
 

@@ -105,9 +105,16 @@ pub async fn serve(
                 closing = true;
             }
             _ = hard_stop.cancelled() => return,
-            _ = sleep_until(idle_deadline), if !closing && idle_deadline.is_some() => {
+            _ = sleep_until(idle_deadline), if idle_deadline.is_some() => {
                 // Bytes may have moved while this slept: look again.
                 if let Some(d) = idle && activity.last() + d <= Instant::now() {
+                    if closing {
+                        // Still nothing moving a whole idle_timeout after asking the
+                        // connection to finish (a head that never completes, say):
+                        // close it outright.
+                        tracing::info!(%listener, %peer, "closing http connection that stayed idle while shutting down");
+                        return;
+                    }
                     tracing::info!(%listener, %peer, "closing idle http connection");
                     conn.as_mut().graceful_shutdown();
                     closing = true;
@@ -274,8 +281,13 @@ impl Ctx {
                 Ok(Ok(resp)) => return self.respond(pool, resp, &captured, sent, received),
             };
             if !self.may_retry(pool, reason) {
+                let status = if reason == "timeout" {
+                    StatusCode::GATEWAY_TIMEOUT
+                } else {
+                    StatusCode::BAD_GATEWAY
+                };
                 return local(
-                    StatusCode::BAD_GATEWAY,
+                    status,
                     format!(
                         "wasmbassador: upstream {name:?} failed the request ({reason}) and the retry budget is spent\n"
                     ),
