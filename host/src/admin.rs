@@ -7,7 +7,7 @@
 //! | `/ready` | 200 when started and not draining (and, with `ready_requires_upstream`, every upstream has a healthy endpoint); the body reports upstream health either way |
 //! | `/metrics` | Prometheus text |
 //! | `/upstreams` | JSON: endpoints, health, ejections |
-//! | `/listeners` | JSON: bound addresses and open connections |
+//! | `/listeners` | JSON: bound addresses and open connections (and `request_timeout` of `http` listeners) |
 //! | `/plugins` | JSON: name, path, sha256, loaded_at, generation, calls, errors, timeouts, last_error |
 
 use std::convert::Infallible;

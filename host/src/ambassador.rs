@@ -97,14 +97,20 @@ impl Shared {
             .map(|h| {
                 let st = h.state.load();
                 let c = &st.config;
-                serde_json::json!({
+                let mut entry = serde_json::json!({
                     "name": c.name,
                     "listen": h.local_addr.to_string(),
                     "protocol": c.protocol.to_string(),
                     "upstream": c.upstream,
                     "max_connections": c.max_connections,
                     "open_connections": c.max_connections - st.limit.available_permits().min(c.max_connections),
-                })
+                });
+                if c.protocol == crate::config::Protocol::Http {
+                    entry["request_timeout"] = humantime::format_duration(c.request_timeout())
+                        .to_string()
+                        .into();
+                }
+                entry
             })
             .collect();
         out.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));

@@ -65,7 +65,8 @@ pub enum Protocol {
     Tcp,
     /// PostgreSQL: the SSLRequest and startup message are read first.
     Postgres,
-    /// HTTP: planned, refused by validation in this version.
+    /// HTTP/1.1 and h2c from the application, one upstream request per request
+    /// (see [`crate::http`]).
     Http,
 }
 
@@ -101,13 +102,26 @@ pub struct ListenerConfig {
     /// Close a connection idle this long in both directions.
     #[serde(default, with = "opt_duration")]
     pub idle_timeout: Option<Duration>,
+    /// `http` listeners only: how long one request may wait for the upstream's
+    /// response head (connect and retries included) before the app gets a 504.
+    /// Defaults to [`DEFAULT_REQUEST_TIMEOUT`].
+    #[serde(default, with = "opt_duration")]
+    pub request_timeout: Option<Duration>,
 }
+
+/// `listener.request_timeout` when left out.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn default_max_connections() -> usize {
     10_000
 }
 
 impl ListenerConfig {
+    /// The request timeout in force (`http` listeners).
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT)
+    }
+
     /// The resolved local address. Validation guarantees this succeeds for a loaded config.
     pub fn listen_addr(&self) -> Option<SocketAddr> {
         self.listen.to_socket_addrs().ok()?.next()
@@ -135,6 +149,9 @@ pub struct UpstreamConfig {
     /// TLS towards the upstream; absent means plain text.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// How `http` listeners talk to this upstream: protocol version, `Host`, pool.
+    #[serde(default)]
+    pub http: HttpUpstreamConfig,
     /// The endpoints, in any order (priority decides).
     #[serde(default)]
     pub endpoint: Vec<EndpointConfig>,
@@ -160,6 +177,88 @@ impl Default for RetryConfig {
         Self {
             attempts: 3,
             backoff: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Which HTTP version an `http` listener speaks to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpVersion {
+    /// With TLS, offer `h2` and `http/1.1` by ALPN and use what the server picks;
+    /// in plain text, HTTP/1.1.
+    #[default]
+    Auto,
+    /// HTTP/1.1 only (ALPN `http/1.1`).
+    Http1,
+    /// HTTP/2 only: ALPN `h2` with TLS, prior knowledge (h2c) in plain text.
+    Http2,
+}
+
+/// `upstream.http`: used by `http` listeners only.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpUpstreamConfig {
+    /// `auto`, `http1` or `http2`.
+    pub version: HttpVersion,
+    /// `Host` / `:authority` sent upstream, as `name` or `name:port`; by default
+    /// `tls.server_name`, else the first endpoint's host, with the first endpoint's
+    /// port when it is not the scheme's default.
+    pub host: Option<String>,
+    /// Idle upstream connections kept per upstream (HTTP/2 multiplexes, so one is
+    /// usually enough there).
+    pub pool_max_idle: usize,
+    /// An idle pooled connection is closed after this long.
+    #[serde(with = "duration")]
+    pub pool_idle_timeout: Duration,
+    /// A pooled connection is not reused once it is this old (so that DNS changes,
+    /// rebalanced endpoints and rotated certificates take effect).
+    #[serde(with = "duration")]
+    pub max_lifetime: Duration,
+    /// Retries of idempotent requests.
+    pub retry: HttpRetryConfig,
+}
+
+/// `upstream.http.retry`: retries of GET, HEAD and OPTIONS requests without a body,
+/// when the upstream resets the request, answers 502/503/504, or does not answer
+/// within `per_try_timeout` — always before the app has seen any byte of a response.
+/// Connect failures are retried by `upstream.retry` in any case.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpRetryConfig {
+    /// Tries per request, the first included (1 = no retries).
+    pub attempts: u32,
+    /// Deadline of one try (response head); by default only `request_timeout`
+    /// bounds the tries together.
+    #[serde(with = "opt_duration")]
+    pub per_try_timeout: Option<Duration>,
+    /// Retries may add at most this percentage of the upstream's requests...
+    pub budget_percent: f64,
+    /// ...plus this many retries per second, so that a quiet upstream can still
+    /// retry.
+    pub min_retries_per_second: f64,
+}
+
+impl Default for HttpRetryConfig {
+    fn default() -> Self {
+        Self {
+            attempts: 2,
+            per_try_timeout: None,
+            budget_percent: 20.0,
+            min_retries_per_second: 10.0,
+        }
+    }
+}
+
+impl Default for HttpUpstreamConfig {
+    fn default() -> Self {
+        Self {
+            version: HttpVersion::Auto,
+            host: None,
+            pool_max_idle: 32,
+            pool_idle_timeout: Duration::from_secs(90),
+            max_lifetime: Duration::from_secs(600),
+            retry: HttpRetryConfig::default(),
         }
     }
 }
@@ -686,11 +785,27 @@ impl Checker<'_> {
                 );
             }
             if l.protocol == Protocol::Http {
+                // Per-request hooks (on-request / on-response) are planned; until they
+                // exist, a per-connection chain on an HTTP listener would mean something
+                // a user does not expect (one decision for many requests).
+                if !l.plugins.is_empty() {
+                    report(
+                        &label,
+                        Some("plugins"),
+                        "plugins on \"http\" listeners are not available in this version (per-request hooks are planned)".into(),
+                    );
+                }
+                if l.request_timeout.is_some_and(|d| d.is_zero()) {
+                    report(&label, Some("request_timeout"), "must be more than 0s".into());
+                }
+            } else if l.request_timeout.is_some() {
                 report(
                     &label,
-                    Some("protocol"),
-                    "\"http\" listeners are not available in this version; use \"tcp\" or \"postgres\""
-                        .into(),
+                    Some("request_timeout"),
+                    format!(
+                        "only \"http\" listeners have requests; this one is {:?}",
+                        l.protocol.to_string()
+                    ),
                 );
             }
             if l.max_connections == 0 {
@@ -737,6 +852,54 @@ impl Checker<'_> {
                     Some("health.check"),
                     "health check \"http\" is not available in this version; use \"tcp\" or \"postgres\""
                         .into(),
+                );
+            }
+            let h = &u.http;
+            if h.pool_idle_timeout.is_zero() {
+                report(
+                    &label,
+                    Some("http.pool_idle_timeout"),
+                    "must be more than 0s".into(),
+                );
+            }
+            if h.max_lifetime.is_zero() {
+                report(&label, Some("http.max_lifetime"), "must be more than 0s".into());
+            }
+            if h.retry.attempts == 0 || h.retry.attempts > 10 {
+                report(
+                    &label,
+                    Some("http.retry.attempts"),
+                    "must be between 1 and 10".into(),
+                );
+            }
+            if h.retry.per_try_timeout.is_some_and(|d| d.is_zero()) {
+                report(
+                    &label,
+                    Some("http.retry.per_try_timeout"),
+                    "must be more than 0s".into(),
+                );
+            }
+            if !(0.0..=100.0).contains(&h.retry.budget_percent) {
+                report(
+                    &label,
+                    Some("http.retry.budget_percent"),
+                    "must be between 0 and 100".into(),
+                );
+            }
+            if !(0.0..=10_000.0).contains(&h.retry.min_retries_per_second) {
+                report(
+                    &label,
+                    Some("http.retry.min_retries_per_second"),
+                    "must be between 0 and 10000".into(),
+                );
+            }
+            if let Some(host) = &h.host
+                && (host.parse::<http::uri::Authority>().is_err() || host.contains('@'))
+            {
+                report(
+                    &label,
+                    Some("http.host"),
+                    format!("{host:?} is not a host name or host:port"),
                 );
             }
             if u.eject.after == 0 {
@@ -980,6 +1143,63 @@ tls = { server_name = "x" }
             "{shown}"
         );
         assert_eq!(e.problems.len(), 5, "{shown}");
+    }
+
+    #[test]
+    fn http_settings_are_checked() {
+        let text = r#"
+[[listener]]
+name = "api"
+listen = "127.0.0.1:8080"
+protocol = "http"
+upstream = "u"
+request_timeout = "0s"
+
+[[listener]]
+name = "raw"
+listen = "127.0.0.1:8081"
+upstream = "u"
+request_timeout = "5s"
+
+[[upstream]]
+name = "u"
+http = { version = "http3", pool_idle_timeout = "0s" }
+  [[upstream.endpoint]]
+  address = "api.example.com:443"
+"#;
+        let e = Config::parse(text, "t.toml").expect_err("must be refused");
+        let shown = e.to_string();
+        assert!(
+            shown.contains("line 7: listener \"api\".request_timeout: must be more than 0s"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("line 13: listener \"raw\".request_timeout: only \"http\" listeners"),
+            "{shown}"
+        );
+        assert!(shown.contains("upstream \"u\".http"), "{shown}");
+
+        let good = r#"
+[[listener]]
+name = "api"
+listen = "127.0.0.1:8080"
+protocol = "http"
+upstream = "u"
+
+[[upstream]]
+name = "u"
+tls = { roots = "webpki" }
+http = { host = "api.example.com", max_lifetime = "1m" }
+  [[upstream.endpoint]]
+  address = "api.example.com:443"
+"#;
+        let c = Config::parse(good, "t.toml").expect("valid");
+        assert_eq!(c.listeners[0].request_timeout(), DEFAULT_REQUEST_TIMEOUT);
+        let h = &c.upstreams[0].http;
+        assert_eq!(h.version, HttpVersion::Auto);
+        assert_eq!(h.pool_max_idle, 32);
+        assert_eq!(h.max_lifetime, Duration::from_secs(60));
+        assert_eq!(h.host.as_deref(), Some("api.example.com"));
     }
 
     #[test]

@@ -10,9 +10,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::config::{PostgresTls, split_host_port};
+use crate::config::{HttpVersion, PostgresTls, split_host_port};
 use crate::postgres::SSL_REQUEST;
-use crate::tls::TlsClient;
+use crate::tls::{Alpn, TlsClient};
 
 /// How the upstream connection starts before bytes flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +21,9 @@ pub enum Handshake {
     Raw,
     /// PostgreSQL: SSLRequest first, or direct TLS, per `tls.postgres`.
     Postgres,
+    /// HTTP from an `http` listener: TLS (if configured) right after TCP connect,
+    /// offering the ALPN protocols of the configured version.
+    Http(HttpVersion),
 }
 
 /// A connected upstream stream, plain or TLS.
@@ -33,6 +36,14 @@ pub enum UpstreamIo {
 }
 
 impl UpstreamIo {
+    /// Whether TLS negotiated HTTP/2 by ALPN.
+    pub fn alpn_h2(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(_) => false,
+            UpstreamIo::Tls(t) => t.get_ref().1.alpn_protocol() == Some(b"h2"),
+        }
+    }
+
     /// The negotiated TLS version, when TLS is on.
     pub fn tls_version(&self) -> Option<&'static str> {
         match self {
@@ -223,8 +234,15 @@ pub async fn dial_addr(
     }
     let host = split_host_port(address).map(|(h, _)| h).unwrap_or(address);
     let name = tls.server_name(host)?;
+    let alpn = match handshake {
+        Handshake::Postgres if direct => Alpn::Postgres,
+        Handshake::Http(HttpVersion::Auto) => Alpn::HttpAny,
+        Handshake::Http(HttpVersion::Http1) => Alpn::Http1,
+        Handshake::Http(HttpVersion::Http2) => Alpn::Http2,
+        _ => Alpn::None,
+    };
     let stream = tls
-        .connector(direct)
+        .connector_for(alpn)
         .connect(name, tcp)
         .await
         .map_err(|source| DialError::Tls { peer, source })?;

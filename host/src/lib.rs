@@ -7,6 +7,7 @@
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`listener`]: accept on a local port, enforce limits, hand each connection on.
 //! - [`postgres`]: the PostgreSQL preamble, refusals, BackendKeyData and CancelRequests.
+//! - [`http`](crate::http): `http` listeners: requests proxied through pooled upstream connections.
 //! - [`upstream`]: endpoint choice by priority and weight, retries, passive ejection.
 //! - [`health`]: active health checks.
 //! - [`connect`]: one connect attempt: TCP, then TLS (SSLRequest or direct).
@@ -37,6 +38,7 @@ pub mod connect;
 pub mod demo;
 pub mod forward;
 pub mod health;
+pub mod http;
 pub mod inject;
 pub mod listener;
 pub mod metrics;

@@ -94,9 +94,10 @@ pub async fn accept_loop(
             continue;
         };
         let shared2 = shared.clone();
+        let stop2 = stop.clone();
         shared
             .tracker
-            .spawn(async move { serve(shared2, st, sock, peer, permit).await });
+            .spawn(async move { serve(shared2, st, sock, peer, permit, stop2).await });
     }
 }
 
@@ -117,12 +118,20 @@ async fn serve(
     mut sock: TcpStream,
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
+    stop: CancellationToken,
 ) {
     let m = &shared.metrics;
     m.connections.get_or_create(&st.labels).inc();
     let active = m.connections_active.get_or_create(&st.labels).clone();
     active.inc();
     let _ = sock.set_nodelay(true);
+    if st.config.protocol == Protocol::Http {
+        // Requests, not connections, meet upstreams here: each goes through the
+        // upstream's pool (and, later, the per-request plugin hooks).
+        crate::http::serve(shared.clone(), st.clone(), sock, peer, stop).await;
+        active.dec();
+        return;
+    }
     let started = Instant::now();
     let startup = match st.config.protocol {
         Protocol::Postgres => read_startup(&shared, &st, &mut sock, peer).await.map(Some),

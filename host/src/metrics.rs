@@ -41,6 +41,37 @@ pub struct EndpointLabels {
     pub endpoint: String,
 }
 
+/// Labels of HTTP request counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpRequestLabels {
+    /// Listener name.
+    pub listener: String,
+    /// Status class of the answer the app got: `1xx` .. `5xx`.
+    pub class: &'static str,
+}
+
+/// Labels of HTTP request retries.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpRetryLabels {
+    /// Listener name.
+    pub listener: String,
+    /// What prompted it: `reset`, `status` (502/503/504) or `timeout`.
+    pub reason: &'static str,
+    /// `retried`, or `budget_exhausted` when the retry budget refused it.
+    pub outcome: &'static str,
+}
+
+/// Labels of upstream HTTP connections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpConnectionLabels {
+    /// Upstream name.
+    pub upstream: String,
+    /// Endpoint address as configured.
+    pub endpoint: String,
+    /// `http1` or `http2`, as negotiated.
+    pub protocol: &'static str,
+}
+
 /// Labels of outcome counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -115,6 +146,14 @@ pub struct Metrics {
     pub plugin_reloads: Family<PluginLabels, Counter>,
     /// Connections refused by a plugin's deny (or its failure under `on_error = "deny"`).
     pub plugin_denials: Family<ListenerLabels, Counter>,
+    /// HTTP requests answered per listener and status class (local 502/504 included).
+    pub http_requests: Family<HttpRequestLabels, Counter>,
+    /// Time from sending a request upstream to its response head, per endpoint.
+    pub http_upstream_duration: Family<EndpointLabels, Histogram>,
+    /// Upstream connections opened by HTTP pools (reuse shows as few of these).
+    pub http_connections_opened: Family<HttpConnectionLabels, Counter>,
+    /// Retries of idempotent HTTP requests, and retries the budget refused.
+    pub http_retries: Family<HttpRetryLabels, Counter>,
     /// Counters and histograms that plugins declare.
     pub plugin_metrics: std::sync::Arc<crate::plugin::host::PluginMetrics>,
 }
@@ -157,6 +196,10 @@ impl Metrics {
             plugin_call_duration: Family::new_with_constructor(plugin_histogram),
             plugin_reloads: Family::default(),
             plugin_denials: Family::default(),
+            http_requests: Family::default(),
+            http_upstream_duration: Family::new_with_constructor(connect_histogram),
+            http_connections_opened: Family::default(),
+            http_retries: Family::default(),
             plugin_metrics: Default::default(),
             registry: Registry::default(),
         };
@@ -233,6 +276,26 @@ impl Metrics {
             "plugin_denials",
             "Connections refused by a plugin",
             m.plugin_denials.clone(),
+        );
+        r.register(
+            "http_requests",
+            "HTTP requests answered, by status class",
+            m.http_requests.clone(),
+        );
+        r.register(
+            "http_upstream_request_duration_seconds",
+            "Time from sending an HTTP request upstream to its response head",
+            m.http_upstream_duration.clone(),
+        );
+        r.register(
+            "http_upstream_connections_opened",
+            "Upstream connections opened by HTTP connection pools",
+            m.http_connections_opened.clone(),
+        );
+        r.register(
+            "http_retries",
+            "Retries of idempotent HTTP requests (outcome budget_exhausted: refused by the retry budget)",
+            m.http_retries.clone(),
         );
         r.register(
             "plugin_metric_records_dropped",

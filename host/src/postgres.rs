@@ -413,6 +413,7 @@ mod tests {
             health: Default::default(),
             eject: Default::default(),
             tls: None,
+            http: Default::default(),
             endpoint: vec![],
         };
         let metrics = Arc::new(crate::metrics::Metrics::new());

@@ -56,6 +56,12 @@ struct Built {
     plain: TlsConnector,
     /// With ALPN `postgresql`, for PostgreSQL 17 direct TLS.
     direct_pg: TlsConnector,
+    /// ALPN `h2`, `http/1.1`: the server picks.
+    http_any: TlsConnector,
+    /// ALPN `http/1.1`.
+    http1: TlsConnector,
+    /// ALPN `h2`.
+    http2: TlsConnector,
     stamps: Vec<Stamp>,
 }
 
@@ -96,12 +102,19 @@ impl TlsClient {
 
     /// The connector to use now; rebuilt first when a certificate file changed.
     pub fn connector(&self, direct_pg: bool) -> TlsConnector {
+        self.connector_for(if direct_pg { Alpn::Postgres } else { Alpn::None })
+    }
+
+    /// The connector offering `alpn`; rebuilt first when a certificate file changed.
+    pub fn connector_for(&self, alpn: Alpn) -> TlsConnector {
         self.refresh();
         let built = self.built.load();
-        if direct_pg {
-            built.direct_pg.clone()
-        } else {
-            built.plain.clone()
+        match alpn {
+            Alpn::None => built.plain.clone(),
+            Alpn::Postgres => built.direct_pg.clone(),
+            Alpn::HttpAny => built.http_any.clone(),
+            Alpn::Http1 => built.http1.clone(),
+            Alpn::Http2 => built.http2.clone(),
         }
     }
 
@@ -142,6 +155,21 @@ impl TlsClient {
     pub fn insecure(&self) -> bool {
         self.config.insecure_skip_verify
     }
+}
+
+/// Which application protocols the TLS handshake offers (ALPN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    /// No ALPN extension (raw TCP and SSLRequest-started PostgreSQL).
+    None,
+    /// `postgresql` (PostgreSQL 17 direct TLS).
+    Postgres,
+    /// `h2` then `http/1.1`: the server chooses.
+    HttpAny,
+    /// `http/1.1` only.
+    Http1,
+    /// `h2` only.
+    Http2,
 }
 
 /// Reads each certificate and key file named in `config` on its own and returns
@@ -241,11 +269,17 @@ fn build(config: &TlsConfig) -> Result<Built, TlsError> {
         _ => builder.with_no_client_auth(),
     };
     client.resumption = rustls::client::Resumption::in_memory_sessions(256);
-    let mut direct = client.clone();
-    direct.alpn_protocols = vec![b"postgresql".to_vec()];
+    let with_alpn = |protocols: &[&[u8]]| {
+        let mut c = client.clone();
+        c.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+        TlsConnector::from(Arc::new(c))
+    };
     Ok(Built {
+        direct_pg: with_alpn(&[b"postgresql"]),
+        http_any: with_alpn(&[b"h2", b"http/1.1"]),
+        http1: with_alpn(&[b"http/1.1"]),
+        http2: with_alpn(&[b"h2"]),
         plain: TlsConnector::from(Arc::new(client)),
-        direct_pg: TlsConnector::from(Arc::new(direct)),
         stamps,
     })
 }

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -77,6 +77,8 @@ pub struct Upstream {
     /// TLS client side, when `tls` is configured.
     pub tls: Option<TlsClient>,
     metrics: Arc<Metrics>,
+    /// Pooled HTTP connections, made when an `http` listener first needs them.
+    http_pool: OnceLock<crate::http::pool::Pool>,
 }
 
 /// Every connect attempt for one client connection failed.
@@ -138,7 +140,18 @@ impl Upstream {
             endpoints,
             tls,
             metrics,
+            http_pool: OnceLock::new(),
         })
+    }
+
+    /// The host metrics this upstream records into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The HTTP connection pool of this upstream, made on first use.
+    pub fn http_pool(self: &Arc<Self>) -> &crate::http::pool::Pool {
+        self.http_pool.get_or_init(|| crate::http::pool::Pool::new(self))
     }
 
     /// Picks the next endpoint: the best priority that has an available endpoint not

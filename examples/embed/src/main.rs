@@ -90,6 +90,7 @@ fn config(args: &Args) -> Config {
             plugins: Vec::new(),
             max_connections: 1_000,
             idle_timeout: Some(Duration::from_secs(600)),
+            request_timeout: None,
         }],
         upstreams: vec![UpstreamConfig {
             name: "remote".into(),
@@ -98,6 +99,7 @@ fn config(args: &Args) -> Config {
             health: Default::default(),
             eject: Default::default(),
             tls,
+            http: Default::default(),
             endpoint: vec![EndpointConfig {
                 address: args.upstream.clone(),
                 priority: 0,

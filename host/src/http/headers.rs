@@ -1,0 +1,144 @@
+//! Header rules for a proxied request or response (RFC 9110 §7.6): hop-by-hop
+//! fields stay on their own hop, `Via` names this hop, and the authority the upstream
+//! sees is its own.
+
+use http::header::{CONNECTION, HeaderMap, HeaderName, HeaderValue, TE, VIA};
+use http::{Version, uri::Authority};
+
+use crate::config::{UpstreamConfig, split_host_port};
+
+/// Fields that describe one connection, not the message (RFC 9110 §7.6.1), besides
+/// those a `Connection` field names and every `Proxy-*` field.
+const HOP_BY_HOP: [&str; 5] = ["connection", "keep-alive", "te", "transfer-encoding", "upgrade"];
+
+/// Removes hop-by-hop fields: `Connection` and every field it names, `Keep-Alive`,
+/// `Proxy-*`, `TE`, `Transfer-Encoding` and `Upgrade` (upgrades are not passed on
+/// yet). In a request, `TE: trailers` survives (`keep_te_trailers`): it says the
+/// client takes trailers, which gRPC over HTTP/2 requires end to end.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    let te_trailers = keep_te_trailers
+        && headers
+            .get_all(TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| {
+                t.split(';')
+                    .next()
+                    .is_some_and(|name| name.trim().eq_ignore_ascii_case("trailers"))
+            });
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    let proxy: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
+    for name in proxy {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Appends this hop to `Via` (RFC 9110 §7.6.3: a proxy sends it), with the protocol
+/// version the message arrived in. The pseudonym hides host names and versions.
+pub fn add_via(headers: &mut HeaderMap, received: Version) {
+    let value = match received {
+        Version::HTTP_2 => "2 wasmbassador",
+        Version::HTTP_10 => "1.0 wasmbassador",
+        _ => "1.1 wasmbassador",
+    };
+    headers.append(VIA, HeaderValue::from_static(value));
+}
+
+/// The `Host` / `:authority` sent upstream: `http.host` when configured, else
+/// `tls.server_name`, else the first endpoint's host; with the first endpoint's port
+/// unless it is the scheme's default (443 with TLS, 80 without). The endpoint a
+/// request reaches is chosen later, inside the pool, so the authority cannot depend
+/// on it; endpoints of one upstream serve the same names.
+pub fn upstream_authority(config: &UpstreamConfig) -> Result<Authority, String> {
+    if let Some(host) = &config.http.host {
+        return host
+            .parse()
+            .map_err(|e| format!("http.host {host:?} is not an authority: {e}"));
+    }
+    let first = config.endpoint.first().and_then(|e| split_host_port(&e.address));
+    let (endpoint_host, port) = first.unwrap_or(("localhost", 0));
+    let host = config
+        .tls
+        .as_ref()
+        .and_then(|t| t.server_name.as_deref())
+        .unwrap_or(endpoint_host);
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    let default_port = if config.tls.is_some() { 443 } else { 80 };
+    let text = if port == 0 || port == default_port {
+        host
+    } else {
+        format!("{host}:{port}")
+    };
+    text.parse()
+        .map_err(|e| format!("{text:?} is not a usable Host for the upstream: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_removed_and_te_trailers_kept() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret, TE"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic abc"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers, deflate;q=0.5"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("trailer", "x-checksum"),
+            ("accept", "*/*"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        let mut left: Vec<_> = h
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
+            .collect();
+        left.sort();
+        assert_eq!(left, vec!["accept: */*", "te: trailers", "trailer: x-checksum"]);
+    }
+
+    #[test]
+    fn te_without_trailers_goes() {
+        let mut h = map(&[("te", "gzip")]);
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.is_empty());
+    }
+}

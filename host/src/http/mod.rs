@@ -1,0 +1,472 @@
+//! `http` listeners: the application speaks HTTP/1.1 or HTTP/2 in plain text (h2c,
+//! by prior knowledge), and each request goes to the listener's upstream through
+//! that upstream's connection [`pool`].
+//!
+//! Per request: hop-by-hop fields are dropped and `Via` is added ([`headers`]),
+//! `Host` / `:authority` becomes the upstream's, and the bodies stream both ways
+//! frame by frame (trailers included), never buffered whole. An upstream that cannot
+//! be reached gives the app a 502 naming it; no response head within
+//! `request_timeout` gives a 504. A malformed or oversized request head is answered
+//! by hyper with 400 or 431 and ends that connection only.
+//!
+//! `X-Forwarded-For` is not added: the application is on loopback, so its address
+//! tells the remote service nothing, and the ambassador acts for the application
+//! rather than in front of a server.
+
+pub mod headers;
+pub mod pool;
+pub mod retry;
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HOST};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::capture_connection;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::ambassador::Shared;
+use crate::connect::DialError;
+use crate::listener::ListenerState;
+use crate::metrics::{HttpRequestLabels, HttpRetryLabels};
+use crate::upstream::Upstream;
+use pool::{ConnInfo, PoolConnectError};
+
+/// Without `idle_timeout`, an HTTP/1.1 client gets this long to send each complete
+/// request head. hyper starts this clock when it waits for the next request, so it
+/// also closes keep-alive connections idle this long: long enough that client pools
+/// rarely race a close, short enough to bound slowloris heads.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest request head accepted; beyond it HTTP/1.1 clients get a 431.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// What the app receives: the upstream's body, or a short local answer.
+pub type Body = Either<Incoming, Full<Bytes>>;
+
+/// Serves one application connection until it closes, the listener stops (then
+/// gracefully: in-flight requests finish), `idle_timeout` passes without a byte
+/// either way, or the drain timeout ends.
+pub async fn serve(
+    shared: Arc<Shared>,
+    st: Arc<ListenerState>,
+    sock: TcpStream,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
+    let hard_stop = shared.hard_stop.clone();
+    let idle = st.config.idle_timeout;
+    let listener = st.config.name.clone();
+    let ctx = Arc::new(Ctx { shared, st });
+    let service = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(ctx.proxy(req).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle.unwrap_or(HEAD_TIMEOUT))
+        .max_buf_size(MAX_HEAD);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD as u32);
+    let activity = Activity::new();
+    let io = Watched {
+        io: TokioIo::new(sock),
+        activity: activity.clone(),
+    };
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let mut closing = false;
+    loop {
+        let idle_deadline = idle.map(|d| activity.last() + d);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%listener, %peer, error = %e, "http connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = hard_stop.cancelled() => return,
+            _ = sleep_until(idle_deadline), if idle_deadline.is_some() => {
+                // Bytes may have moved while this slept: look again.
+                if let Some(d) = idle && activity.last() + d <= Instant::now() {
+                    if closing {
+                        // Still nothing moving a whole idle_timeout after asking the
+                        // connection to finish (a head that never completes, say):
+                        // close it outright.
+                        tracing::info!(%listener, %peer, "closing http connection that stayed idle while shutting down");
+                        return;
+                    }
+                    tracing::info!(%listener, %peer, "closing idle http connection");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+struct Ctx {
+    shared: Arc<Shared>,
+    st: Arc<ListenerState>,
+}
+
+impl Ctx {
+    async fn proxy(&self, req: Request<Incoming>) -> Response<Body> {
+        let resp = self.forward(req).await;
+        self.shared
+            .metrics
+            .http_requests
+            .get_or_create(&HttpRequestLabels {
+                listener: self.st.config.name.clone(),
+                class: status_class(resp.status()),
+            })
+            .inc();
+        resp
+    }
+
+    async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
+        let name = &self.st.config.upstream;
+        if req.method() == http::Method::CONNECT {
+            // A tunnel would bypass everything this listener is for; the upstream is
+            // fixed by configuration anyway.
+            return local(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "wasmbassador: CONNECT is not supported on http listeners\n".into(),
+            );
+        }
+        let Some(up) = self.shared.upstream(name) else {
+            return local(
+                StatusCode::BAD_GATEWAY,
+                format!("wasmbassador: no upstream named {name:?}\n"),
+            );
+        };
+        let pool = up.http_pool();
+        let authority = match &pool.authority {
+            Ok(a) => a.clone(),
+            Err(e) => {
+                return local(
+                    StatusCode::BAD_GATEWAY,
+                    format!("wasmbassador: upstream {name:?}: {e}\n"),
+                );
+            }
+        };
+        let received = req.version();
+        let (mut parts, body) = req.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, true);
+        headers::add_via(&mut parts.headers, received);
+        // The URI's authority becomes `Host` (HTTP/1.1, added by the pool) or
+        // `:authority` (HTTP/2); a `Host` from the app would contradict it.
+        parts.headers.remove(HOST);
+        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        parts.uri = match Uri::builder()
+            .scheme(pool.scheme.clone())
+            .authority(authority)
+            .path_and_query(path)
+            .build()
+        {
+            Ok(u) => u,
+            Err(e) => {
+                return local(
+                    StatusCode::BAD_REQUEST,
+                    format!("wasmbassador: unusable request target: {e}\n"),
+                );
+            }
+        };
+        // The pool picks HTTP/1.1 or HTTP/2 per connection; a request marked HTTP/2
+        // would be refused by an HTTP/1.1 connection.
+        parts.version = Version::HTTP_11;
+        let retryable = retry::retryable(&parts.method, hyper::body::Body::is_end_stream(&body));
+        pool.budget.deposit();
+        let attempts = if retryable { pool.retry.attempts.max(1) } else { 1 };
+        let timeout = self.st.config.request_timeout();
+        let deadline = Instant::now() + timeout;
+        // Without retries the app's body streams; with them there is no body to keep.
+        let mut streamed = Some(body);
+        let mut try_no = 0;
+        loop {
+            try_no += 1;
+            let last_try = try_no >= attempts;
+            let mut outbound = if retryable {
+                let mut b = Request::builder()
+                    .method(parts.method.clone())
+                    .uri(parts.uri.clone())
+                    .version(parts.version);
+                if let Some(h) = b.headers_mut() {
+                    *h = parts.headers.clone();
+                }
+                match b.body(Either::Right(http_body_util::Empty::new())) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return local(
+                            StatusCode::BAD_REQUEST,
+                            format!("wasmbassador: unusable request: {e}\n"),
+                        );
+                    }
+                }
+            } else {
+                let Some(body) = streamed.take() else {
+                    // Unreachable: a streamed request has one try.
+                    return local(StatusCode::BAD_GATEWAY, "wasmbassador: no body to send\n".into());
+                };
+                let mut r = Request::new(Either::Left(body));
+                *r.method_mut() = parts.method.clone();
+                *r.uri_mut() = parts.uri.clone();
+                *r.version_mut() = parts.version;
+                *r.headers_mut() = std::mem::take(&mut parts.headers);
+                r
+            };
+            let captured = capture_connection(&mut outbound);
+            let left = deadline.saturating_duration_since(Instant::now());
+            let this_try = pool.retry.per_try_timeout.map_or(left, |p| p.min(left));
+            let sent = Instant::now();
+            let reason = match tokio::time::timeout(this_try, pool.client().request(outbound)).await {
+                Err(_) if last_try || Instant::now() >= deadline => {
+                    tracing::warn!(listener = %self.st.config.name, upstream = %name, ?timeout, "no response head in time");
+                    return local(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("wasmbassador: upstream {name:?} did not answer within {this_try:?}\n"),
+                    );
+                }
+                Err(_) => "timeout",
+                // Connect failures were retried already, across endpoints, by the
+                // connector (`upstream.retry`).
+                Ok(Err(e)) if last_try || e.is_connect() => return self.failed(&up, &e),
+                Ok(Err(e)) => {
+                    tracing::debug!(listener = %self.st.config.name, upstream = %name, error = %e, "request reset upstream");
+                    "reset"
+                }
+                Ok(Ok(resp)) if !last_try && retry::retry_status(resp.status()) => {
+                    tracing::debug!(listener = %self.st.config.name, upstream = %name, status = %resp.status(), "upstream answered with a retryable status");
+                    if !self.may_retry(pool, "status") {
+                        return self.respond(pool, resp, &captured, sent, received);
+                    }
+                    // Dropping it unread gives up that connection; the next try may
+                    // use another.
+                    drop(resp);
+                    tokio::time::sleep(
+                        up.config
+                            .retry
+                            .backoff
+                            .min(deadline.saturating_duration_since(Instant::now())),
+                    )
+                    .await;
+                    continue;
+                }
+                Ok(Ok(resp)) => return self.respond(pool, resp, &captured, sent, received),
+            };
+            if !self.may_retry(pool, reason) {
+                let status = if reason == "timeout" {
+                    StatusCode::GATEWAY_TIMEOUT
+                } else {
+                    StatusCode::BAD_GATEWAY
+                };
+                return local(
+                    status,
+                    format!(
+                        "wasmbassador: upstream {name:?} failed the request ({reason}) and the retry budget is spent\n"
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Asks the budget for one retry and counts the answer.
+    fn may_retry(&self, pool: &pool::Pool, reason: &'static str) -> bool {
+        let ok = pool.budget.withdraw();
+        self.shared
+            .metrics
+            .http_retries
+            .get_or_create(&HttpRetryLabels {
+                listener: self.st.config.name.clone(),
+                reason,
+                outcome: if ok { "retried" } else { "budget_exhausted" },
+            })
+            .inc();
+        ok
+    }
+
+    /// Passes an upstream response on: latency recorded, `max_lifetime` applied,
+    /// hop-by-hop fields dropped, `Via` added.
+    fn respond(
+        &self,
+        pool: &pool::Pool,
+        resp: Response<Incoming>,
+        captured: &hyper_util::client::legacy::connect::CaptureConnection,
+        sent: Instant,
+        received: Version,
+    ) -> Response<Body> {
+        if let Some(info) = resp.extensions().get::<ConnInfo>() {
+            self.shared
+                .metrics
+                .http_upstream_duration
+                .get_or_create(info.endpoint.labels())
+                .observe(sent.elapsed().as_secs_f64());
+            if info.opened.elapsed() >= pool.max_lifetime
+                && let Some(c) = captured.connection_metadata().as_ref()
+            {
+                c.poison();
+            }
+        }
+        let (mut parts, body) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        headers::add_via(&mut parts.headers, parts.version);
+        parts.version = received;
+        Response::from_parts(parts, Either::Left(body))
+    }
+
+    /// The answer to a request the upstream did not answer: 504 when the connect
+    /// attempts timed out, else 502, naming the upstream and the last reason.
+    fn failed(&self, up: &Upstream, e: &hyper_util::client::legacy::Error) -> Response<Body> {
+        let name = &up.config.name;
+        let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+        let mut reason = e.to_string();
+        let mut status = StatusCode::BAD_GATEWAY;
+        while let Some(s) = source {
+            if let Some(p) = s.downcast_ref::<PoolConnectError>() {
+                if let PoolConnectError::Upstream(c) = p
+                    && matches!(c.last, DialError::Timeout(_))
+                {
+                    status = StatusCode::GATEWAY_TIMEOUT;
+                }
+                reason = p.to_string();
+                break;
+            }
+            reason = format!("{reason}: {s}");
+            source = s.source();
+        }
+        tracing::warn!(listener = %self.st.config.name, upstream = %name, %status, error = %reason, "upstream request failed");
+        local(
+            status,
+            format!("wasmbassador: cannot reach upstream {name:?}: {reason}\n"),
+        )
+    }
+}
+
+fn local(status: StatusCode, text: String) -> Response<Body> {
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from(text))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn status_class(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// When bytes last moved on a connection, as milliseconds since it opened (one
+/// atomic store per read or write, no lock).
+#[derive(Clone)]
+struct Activity {
+    start: Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// The app connection, noting activity for `idle_timeout`.
+struct Watched {
+    io: TokioIo<TcpStream>,
+    activity: Activity,
+}
+
+impl hyper::rt::Read for Watched {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if r.is_ready() {
+            this.activity.touch();
+        }
+        r
+    }
+}
+
+impl hyper::rt::Write for Watched {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        if r.is_ready() {
+            this.activity.touch();
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if r.is_ready() {
+            this.activity.touch();
+        }
+        r
+    }
+}

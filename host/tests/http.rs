@@ -1,0 +1,1153 @@
+//! `http` listeners end to end: an application speaking plain HTTP/1.1 or h2c to
+//! wasmbassador, real hyper HTTPS servers (certificates from the test CA) as
+//! upstreams, with HTTP/1.1 or HTTP/2 chosen by ALPN. Covers header rewriting,
+//! streamed bodies of 100 MiB both ways (checked by SHA-256), trailers, connection
+//! reuse, failover between endpoints, 502/504 and bad input.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream;
+use http_body_util::{BodyExt, Empty, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderMap, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+use support::Pki;
+use support::process::{http_get, metric_value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use wasmbassador::{Ambassador, Config};
+
+/// Generous limit for anything one step waits for.
+const PATIENCE: Duration = Duration::from_secs(60);
+/// The name the test servers' certificates carry and wasmbassador verifies.
+const SERVER_NAME: &str = "api.test.internal";
+/// Size of each body in the large-body test.
+const LARGE: usize = 100 * 1024 * 1024;
+/// Chunk size of generated bodies.
+const CHUNK: usize = 64 * 1024;
+
+type TestBody = BoxBody<Bytes, Infallible>;
+
+// ---------------------------------------------------------------- test upstream
+
+/// A real HTTPS server (hyper over tokio-rustls) that offers `alpn` and counts the
+/// TLS connections it accepted. Stopping it closes its listener and every open
+/// connection.
+struct Upstream {
+    addr: SocketAddr,
+    tls_connections: Arc<AtomicUsize>,
+    hits: Hits,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    async fn start(pki: &Pki, name: &'static str, alpn: &[&[u8]]) -> Upstream {
+        let cert = pki.server_cert(&[SERVER_NAME]);
+        let chain = CertificateDer::pem_file_iter(&cert.cert)
+            .expect("server certificate file")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("server certificate");
+        let key = PrivateKeyDer::from_pem_file(&cert.key).expect("server key");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server TLS config");
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding upstream");
+        let addr = listener.local_addr().expect("upstream address");
+        let tls_connections = Arc::new(AtomicUsize::new(0));
+        let counter = tls_connections.clone();
+        let hits = Hits::default();
+        let hits2 = hits.clone();
+        let task = tokio::spawn(async move {
+            // Connections live in this set, so aborting the accept task closes them.
+            let mut conns = JoinSet::new();
+            loop {
+                let (tcp, _) = tokio::select! {
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+                    Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+                };
+                let acceptor = acceptor.clone();
+                let counter = counter.clone();
+                let hits = hits2.clone();
+                conns.spawn(async move {
+                    // Health checks connect and close without TLS: not counted.
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    serve_http(TokioIo::new(tls), h2, name, hits).await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            tls_connections,
+            hits,
+            task,
+        }
+    }
+
+    /// A plain-text server: HTTP/1.1, or HTTP/2 by prior knowledge (h2c).
+    async fn start_plain(name: &'static str, h2: bool) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding upstream");
+        let addr = listener.local_addr().expect("upstream address");
+        let hits = Hits::default();
+        let hits2 = hits.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let (tcp, _) = tokio::select! {
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+                    Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+                };
+                conns.spawn(serve_http(TokioIo::new(tcp), h2, name, hits2.clone()));
+            }
+        });
+        Upstream {
+            addr,
+            tls_connections: Arc::new(AtomicUsize::new(0)),
+            hits,
+            task,
+        }
+    }
+
+    /// Requests seen for `path?query`.
+    fn hits(&self, target: &str) -> usize {
+        self.hits
+            .0
+            .lock()
+            .map(|h| h.get(target).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    fn accepted(&self) -> usize {
+        self.tls_connections.load(Ordering::SeqCst)
+    }
+
+    /// Closes the listener and every connection (the JoinSet is dropped with the task).
+    async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+async fn serve_http<I>(io: I, h2: bool, name: &'static str, hits: Hits)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| handle(name, hits.clone(), req));
+    if h2 {
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, service)
+            .await;
+    } else {
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .await;
+    }
+}
+
+/// Requests seen per `path?query`.
+#[derive(Clone, Default)]
+struct Hits(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
+
+/// The upstream's routes:
+/// - `GET /hello`: `x-server`, and what arrived: `x-seen-version`, `x-seen-host`
+///   (Host or `:authority`), `x-seen-headers` (sorted names);
+/// - `POST /upload`: hashes the body as it streams; answers `x-sha256`, `x-bytes` and
+///   `x-trailer-checksum` (the request trailer `x-checksum`, if any);
+/// - `GET /download?bytes=N&length=1`: N generated bytes, with `content-length` when
+///   asked, else chunked / unsized; trailer `x-sha256` on HTTP/2;
+/// - `/flaky-503?...`: 503 the first time, then 200; `/flaky-reset?...`: the first
+///   time the request is reset (the service fails: HTTP/1.1 closes the connection,
+///   HTTP/2 resets the stream), then 200; `/always-503`: 503.
+async fn handle(
+    name: &'static str,
+    hits: Hits,
+    req: Request<Incoming>,
+) -> Result<Response<TestBody>, std::io::Error> {
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let seen = {
+        let mut h = hits.0.lock().expect("hits");
+        let n = h.entry(target).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let version = format!("{:?}", req.version());
+    let host = req
+        .headers()
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let mut names: Vec<String> = req.headers().keys().map(|k| k.to_string()).collect();
+    names.sort();
+    names.dedup();
+    let mut resp = Response::builder()
+        .header("x-server", name)
+        .header("x-seen-version", version.clone())
+        .header("x-seen-host", host)
+        .header("x-seen-headers", names.join(","));
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let body: TestBody = match path.as_str() {
+        "/upload" => {
+            let mut body = req.into_body();
+            let mut digest = Sha256::new();
+            let mut bytes = 0usize;
+            let mut trailer = None;
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else {
+                    return Ok(text(StatusCode::BAD_REQUEST, "body broke off"));
+                };
+                match frame.into_data() {
+                    Ok(d) => {
+                        digest.update(&d);
+                        bytes += d.len();
+                    }
+                    Err(f) => {
+                        if let Ok(t) = f.into_trailers() {
+                            trailer = t.get("x-checksum").cloned();
+                        }
+                    }
+                }
+            }
+            resp = resp
+                .header("x-sha256", hex(&digest.finalize()))
+                .header("x-bytes", bytes.to_string());
+            if let Some(t) = trailer {
+                resp = resp.header("x-trailer-checksum", t);
+            }
+            Full::new(Bytes::from_static(b"stored\n")).boxed()
+        }
+        "/download" => {
+            let params: BTreeMap<&str, &str> = query.split('&').filter_map(|kv| kv.split_once('=')).collect();
+            let n: usize = params.get("bytes").and_then(|b| b.parse().ok()).unwrap_or(0);
+            if params.get("length") == Some(&"1") {
+                resp = resp.header("content-length", n.to_string());
+            }
+            let trailers = version == "HTTP/2.0";
+            pattern_body(n, trailers)
+        }
+        "/flaky-503" | "/always-503" if seen == 1 || path == "/always-503" => {
+            return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "try again\n"));
+        }
+        "/flaky-reset" if seen == 1 => {
+            return Err(std::io::Error::other("reset on purpose"));
+        }
+        _ => Full::new(Bytes::from(format!("hello from {name}\n"))).boxed(),
+    };
+    Ok(resp
+        .body(body)
+        .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "bad response")))
+}
+
+fn text(status: StatusCode, t: &'static str) -> Response<TestBody> {
+    let mut r = Response::new(Full::new(Bytes::from_static(t.as_bytes())).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+/// Chunk `i` of a generated body: bytes that differ by position, so a lost, doubled
+/// or reordered chunk changes the digest.
+fn chunk(i: usize, len: usize) -> Bytes {
+    Bytes::from((0..len).map(|k| (i * 31 + k * 7) as u8).collect::<Vec<u8>>())
+}
+
+fn pattern_digest(n: usize) -> String {
+    let mut d = Sha256::new();
+    let mut i = 0;
+    while i * CHUNK < n {
+        d.update(chunk(i, CHUNK.min(n - i * CHUNK)));
+        i += 1;
+    }
+    hex(&d.finalize())
+}
+
+/// `n` generated bytes, streamed chunk by chunk (never held whole), then, with
+/// `trailers`, an `x-sha256` trailer of what was sent.
+fn pattern_body(n: usize, trailers: bool) -> TestBody {
+    let frames = stream::unfold(
+        (0usize, Sha256::new(), false),
+        move |(i, mut d, done)| async move {
+            if done {
+                return None;
+            }
+            if i * CHUNK < n {
+                let c = chunk(i, CHUNK.min(n - i * CHUNK));
+                d.update(&c);
+                return Some((Ok::<_, Infallible>(Frame::data(c)), (i + 1, d, false)));
+            }
+            if !trailers {
+                return None;
+            }
+            let mut t = HeaderMap::new();
+            t.insert("x-sha256", HeaderValue::from_str(&hex(&d.finalize())).ok()?);
+            Some((Ok(Frame::trailers(t)), (i, Sha256::new(), true)))
+        },
+    );
+    StreamBody::new(frames).boxed()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// ---------------------------------------------------------------- wasmbassador
+
+/// An upstream block for `config`: TLS verified against the test CA, server name
+/// [`SERVER_NAME`], one endpoint per (address, priority).
+fn upstream_block(pki: &Pki, name: &str, endpoints: &[(SocketAddr, u32)], extra: &str) -> String {
+    let mut s = format!(
+        r#"
+[[upstream]]
+name = "{name}"
+connect_timeout = "2s"
+retry = {{ attempts = 3, backoff = "10ms" }}
+tls = {{ ca = "{ca}", server_name = "{SERVER_NAME}" }}
+{extra}
+"#,
+        ca = pki.ca_pem_path().display()
+    );
+    for (addr, priority) in endpoints {
+        s.push_str(&format!(
+            "  [[upstream.endpoint]]\n  address = \"{addr}\"\n  priority = {priority}\n"
+        ));
+    }
+    s
+}
+
+fn listener_block(name: &str, upstream: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[listener]]
+name = "{name}"
+listen = "127.0.0.1:0"
+protocol = "http"
+upstream = "{upstream}"
+{extra}
+"#
+    )
+}
+
+async fn start(blocks: &[String]) -> Ambassador {
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ndrain_timeout = \"1s\"\n{}",
+        blocks.concat()
+    );
+    let config = Config::parse(&text, "http-test").unwrap_or_else(|e| panic!("config refused: {e}\n{text}"));
+    Ambassador::start(config).await.expect("ambassador starts")
+}
+
+fn listener(amb: &Ambassador, name: &str) -> SocketAddr {
+    amb.listener_addr(name).expect("listener bound")
+}
+
+fn metric(amb: &Ambassador, sample: &str) -> f64 {
+    metric_value(&amb.shared().metrics.encode(), sample)
+}
+
+// ---------------------------------------------------------------- app side
+
+/// A fresh HTTP/1.1 application connection.
+async fn h1(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<TestBody> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .expect("connecting to the listener");
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("HTTP/1.1 handshake");
+    tokio::spawn(conn);
+    send
+}
+
+/// A fresh h2c (prior knowledge) application connection.
+async fn h2c(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<TestBody> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .expect("connecting to the listener");
+    let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .expect("h2c handshake");
+    tokio::spawn(conn);
+    send
+}
+
+fn empty() -> TestBody {
+    Empty::new().boxed()
+}
+
+fn header(r: &Response<Incoming>, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Reads a response body to its end: (bytes, SHA-256, trailers).
+async fn drain(body: Incoming) -> (usize, String, Option<HeaderMap>) {
+    let mut body = body;
+    let mut d = Sha256::new();
+    let mut n = 0;
+    let mut trailers = None;
+    while let Some(frame) = tokio::time::timeout(PATIENCE, body.frame())
+        .await
+        .expect("the body kept flowing")
+    {
+        let frame = frame.expect("response body frame");
+        match frame.into_data() {
+            Ok(data) => {
+                n += data.len();
+                d.update(&data);
+            }
+            Err(f) => trailers = f.into_trailers().ok(),
+        }
+    }
+    (n, hex(&d.finalize()), trailers)
+}
+
+async fn body_text(body: Incoming) -> String {
+    let bytes = tokio::time::timeout(PATIENCE, body.collect())
+        .await
+        .expect("body in time")
+        .expect("body")
+        .to_bytes();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn get(path: &str) -> Request<TestBody> {
+    Request::get(path)
+        .header("host", "localhost")
+        .body(empty())
+        .expect("request")
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_and_post_reach_http1_and_http2_upstreams_with_their_host_and_without_hop_by_hop_headers() {
+    let pki = Pki::new();
+    let one = Upstream::start(&pki, "one", &[b"http/1.1"]).await;
+    let two = Upstream::start(&pki, "two", &[b"h2", b"http/1.1"]).await;
+    let amb = start(&[
+        listener_block("h1", "one", ""),
+        listener_block("h2", "two", ""),
+        upstream_block(&pki, "one", &[(one.addr, 0)], ""),
+        upstream_block(&pki, "two", &[(two.addr, 0)], ""),
+    ])
+    .await;
+
+    for (listener_name, server, version) in [("h1", &one, "HTTP/1.1"), ("h2", &two, "HTTP/2.0")] {
+        let addr = listener(&amb, listener_name);
+        let mut app = h1(addr).await;
+        let req = Request::get("/hello")
+            .header("host", "localhost:8080")
+            .header("connection", "x-drop-me, keep-alive")
+            .header("x-drop-me", "hop")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-authorization", "Basic c2VjcmV0")
+            .header("x-end-to-end", "kept")
+            .body(empty())
+            .expect("request");
+        let resp = app.send_request(req).await.expect("GET through wasmbassador");
+        assert_eq!(resp.status(), StatusCode::OK, "{listener_name}");
+        assert_eq!(
+            header(&resp, "x-seen-version"),
+            version,
+            "{listener_name}: upstream protocol (ALPN)"
+        );
+        assert_eq!(
+            header(&resp, "x-seen-host"),
+            format!("{SERVER_NAME}:{}", server.addr.port()),
+            "{listener_name}: the upstream sees its own name, not the app's Host"
+        );
+        let seen = header(&resp, "x-seen-headers");
+        let seen: Vec<&str> = seen.split(',').collect();
+        for gone in ["connection", "x-drop-me", "keep-alive", "proxy-authorization"] {
+            assert!(
+                !seen.contains(&gone),
+                "{listener_name}: {gone} reached the upstream: {seen:?}"
+            );
+        }
+        assert!(seen.contains(&"x-end-to-end"), "{listener_name}: {seen:?}");
+        assert!(seen.contains(&"via"), "{listener_name}: {seen:?}");
+        assert!(header(&resp, "via").contains("wasmbassador"), "{listener_name}");
+        assert_eq!(
+            body_text(resp.into_body()).await,
+            format!(
+                "hello from {}\n",
+                if listener_name == "h1" { "one" } else { "two" }
+            )
+        );
+
+        // A POST on the same app connection: the body arrives whole.
+        let payload = Bytes::from_static(b"{\"order\": 42}");
+        let req = Request::post("/upload")
+            .header("host", "localhost")
+            .header("content-type", "application/json")
+            .body(Full::new(payload.clone()).boxed())
+            .expect("request");
+        app.ready().await.expect("app connection ready again");
+        let resp = app.send_request(req).await.expect("POST through wasmbassador");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(header(&resp, "x-bytes"), payload.len().to_string());
+        assert_eq!(header(&resp, "x-sha256"), hex(&Sha256::digest(&payload)));
+    }
+
+    // The same from an h2c application.
+    let mut app = h2c(listener(&amb, "h1")).await;
+    let req = Request::get(format!("http://{}/hello", listener(&amb, "h1")))
+        .body(empty())
+        .expect("request");
+    let resp = app.send_request(req).await.expect("h2c GET");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.version(), hyper::Version::HTTP_2);
+    assert_eq!(header(&resp, "x-seen-version"), "HTTP/1.1");
+
+    let shown = amb.shared().metrics.encode();
+    assert!(
+        metric_value(
+            &shown,
+            &format!(
+                "wasmbassador_http_upstream_connections_opened_total{{upstream=\"two\",endpoint=\"{}\",protocol=\"http2\"}}",
+                two.addr
+            )
+        ) >= 1.0,
+        "{shown}"
+    );
+    assert!(
+        metric_value(
+            &shown,
+            "wasmbassador_http_requests_total{listener=\"h1\",class=\"2xx\"}"
+        ) >= 3.0,
+        "{shown}"
+    );
+    assert!(
+        shown.contains("wasmbassador_http_upstream_request_duration_seconds_count{upstream=\"one\""),
+        "{shown}"
+    );
+
+    let (status, listeners) = http_get(amb.admin_addr(), "/listeners").await;
+    assert_eq!(status, 200);
+    let listeners: serde_json::Value = serde_json::from_str(&listeners).expect("JSON");
+    assert_eq!(listeners[0]["name"], "h1");
+    assert_eq!(listeners[0]["protocol"], "http");
+    assert_eq!(listeners[0]["request_timeout"], "1m");
+    amb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_both_ways_with_digests_and_trailers() {
+    let pki = Pki::new();
+    let one = Upstream::start(&pki, "one", &[b"http/1.1"]).await;
+    let two = Upstream::start(&pki, "two", &[b"h2"]).await;
+    let amb = start(&[
+        listener_block("h1", "one", "request_timeout = \"120s\""),
+        listener_block("h2", "two", "request_timeout = \"120s\""),
+        upstream_block(&pki, "one", &[(one.addr, 0)], ""),
+        upstream_block(&pki, "two", &[(two.addr, 0)], ""),
+    ])
+    .await;
+    let expected = pattern_digest(LARGE);
+
+    // HTTP/1.1 all the way: upload with content-length, download chunked.
+    let mut app = h1(listener(&amb, "h1")).await;
+    let req = Request::post("/upload")
+        .header("host", "localhost")
+        .header("content-length", LARGE.to_string())
+        .body(pattern_body(LARGE, false))
+        .expect("request");
+    let resp = tokio::time::timeout(PATIENCE, app.send_request(req))
+        .await
+        .expect("upload in time")
+        .expect("upload");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "x-bytes"), LARGE.to_string());
+    assert_eq!(
+        header(&resp, "x-sha256"),
+        expected,
+        "upload digest at the upstream"
+    );
+    body_text(resp.into_body()).await;
+    app.ready().await.expect("app connection ready again");
+    let resp = app
+        .send_request(get(&format!("/download?bytes={LARGE}")))
+        .await
+        .expect("download");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().get("content-length").is_none(), "chunked download");
+    let (n, digest, _) = drain(resp.into_body()).await;
+    assert_eq!(
+        (n, digest),
+        (LARGE, expected.clone()),
+        "download digest at the app"
+    );
+
+    // h2c to HTTP/2: upload unsized with a trailer, download with content-length and
+    // the upstream's digest as a trailer.
+    let mut app = h2c(listener(&amb, "h2")).await;
+    let mut frames = Vec::new();
+    let mut t = HeaderMap::new();
+    t.insert("x-checksum", HeaderValue::from_static("sha256-of-everything"));
+    frames.push(Ok::<_, Infallible>(Frame::trailers(t)));
+    let body = pattern_body(LARGE, false).chain_trailers(frames);
+    let base = format!("http://{}", listener(&amb, "h2"));
+    let req = Request::post(format!("{base}/upload"))
+        .body(body)
+        .expect("request");
+    let resp = tokio::time::timeout(PATIENCE, app.send_request(req))
+        .await
+        .expect("upload in time")
+        .expect("h2 upload");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "x-seen-version"), "HTTP/2.0");
+    assert_eq!(header(&resp, "x-bytes"), LARGE.to_string());
+    assert_eq!(
+        header(&resp, "x-sha256"),
+        expected,
+        "h2 upload digest at the upstream"
+    );
+    assert_eq!(
+        header(&resp, "x-trailer-checksum"),
+        "sha256-of-everything",
+        "request trailer reached the upstream"
+    );
+    body_text(resp.into_body()).await;
+    let req = Request::get(format!("{base}/download?bytes={LARGE}&length=1"))
+        .body(empty())
+        .expect("request");
+    let resp = app.send_request(req).await.expect("h2 download");
+    assert_eq!(header(&resp, "content-length"), LARGE.to_string());
+    let (n, digest, trailers) = drain(resp.into_body()).await;
+    assert_eq!(
+        (n, digest.as_str()),
+        (LARGE, expected.as_str()),
+        "h2 download digest at the app"
+    );
+    let trailers = trailers.expect("the upstream's trailers reached the app");
+    assert_eq!(
+        trailers.get("x-sha256").and_then(|v| v.to_str().ok()),
+        Some(expected.as_str())
+    );
+    amb.shutdown().await;
+}
+
+/// Adds trailers after a body's data (a small helper body, so the test can send a
+/// streamed body followed by trailers).
+trait ChainTrailers {
+    fn chain_trailers(self, trailers: Vec<Result<Frame<Bytes>, Infallible>>) -> TestBody;
+}
+
+impl ChainTrailers for TestBody {
+    fn chain_trailers(self, trailers: Vec<Result<Frame<Bytes>, Infallible>>) -> TestBody {
+        use futures_util::StreamExt;
+        let data = http_body_util::BodyStream::new(self);
+        BodyExt::boxed(StreamBody::new(data.chain(stream::iter(trailers))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_new_app_connections_reuse_a_handful_of_upstream_connections() {
+    let pki = Pki::new();
+    let one = Upstream::start(&pki, "one", &[b"http/1.1"]).await;
+    let two = Upstream::start(&pki, "two", &[b"h2"]).await;
+    let amb = start(&[
+        listener_block("h1", "one", ""),
+        listener_block("h2", "two", ""),
+        upstream_block(&pki, "one", &[(one.addr, 0)], ""),
+        upstream_block(&pki, "two", &[(two.addr, 0)], ""),
+    ])
+    .await;
+    for (name, server) in [("h1", &one), ("h2", &two)] {
+        let addr = listener(&amb, name);
+        let loop_ = async {
+            for i in 0..1000 {
+                let mut app = h1(addr).await;
+                let resp = app.send_request(get("/hello")).await.expect("request");
+                assert_eq!(resp.status(), StatusCode::OK, "{name}: request {i}");
+                body_text(resp.into_body()).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(120), loop_)
+            .await
+            .expect("1,000 requests finished");
+        let opened = server.accepted();
+        assert!(
+            (1..=4).contains(&opened),
+            "{name}: 1,000 requests on new app connections opened {opened} upstream TLS connections"
+        );
+        let counted: f64 = amb
+            .shared()
+            .metrics
+            .encode()
+            .lines()
+            .filter(|l| {
+                l.starts_with("wasmbassador_http_upstream_connections_opened_total{")
+                    && l.contains(&server.addr.to_string())
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(
+            counted as usize, opened,
+            "{name}: the pool metric counts what the server saw"
+        );
+    }
+    assert_eq!(
+        metric(
+            &amb,
+            "wasmbassador_http_requests_total{listener=\"h1\",class=\"2xx\"}"
+        ),
+        1000.0
+    );
+    amb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_fail_over_to_the_second_endpoint_when_the_first_stops() {
+    let pki = Pki::new();
+    let first = Upstream::start(&pki, "first", &[b"h2", b"http/1.1"]).await;
+    let second = Upstream::start(&pki, "second", &[b"h2", b"http/1.1"]).await;
+    let amb = start(&[
+        listener_block("api", "api", ""),
+        upstream_block(&pki, "api", &[(first.addr, 0), (second.addr, 1)], ""),
+    ])
+    .await;
+    let addr = listener(&amb, "api");
+    let ask = || async move {
+        let mut app = h1(addr).await;
+        let resp = app.send_request(get("/hello")).await.expect("request");
+        let status = resp.status();
+        let server = header(&resp, "x-server");
+        let body = body_text(resp.into_body()).await;
+        (status, server, body)
+    };
+    for i in 0..20 {
+        let (status, server, body) = ask().await;
+        assert_eq!(
+            (status, server.as_str()),
+            (StatusCode::OK, "first"),
+            "request {i}: {body}"
+        );
+    }
+    // No pause after the stop: a GET that meets a pooled connection the stopped
+    // server just closed is retried, and its new connection fails over.
+    first.stop().await;
+    for i in 0..20 {
+        let (status, server, body) = ask().await;
+        assert_eq!(
+            (status, server.as_str()),
+            (StatusCode::OK, "second"),
+            "request {i} after the stop: {body}"
+        );
+    }
+    assert!(second.accepted() >= 1);
+    amb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstream_is_a_502_naming_it_and_a_silent_one_a_504() {
+    let pki = Pki::new();
+    // Nothing listens on `dead`; `silent` accepts TCP and never answers.
+    let dead = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let dead_addr = dead.local_addr().expect("addr");
+    drop(dead);
+    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let holding = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let amb = start(&[
+        listener_block("dead", "dead", ""),
+        listener_block("silent", "silent", "request_timeout = \"300ms\""),
+        upstream_block(&pki, "dead", &[(dead_addr, 0)], ""),
+        // Plain text, so that the TCP connect succeeds and the request waits.
+        format!("[[upstream]]\nname = \"silent\"\n  [[upstream.endpoint]]\n  address = \"{silent_addr}\"\n"),
+    ])
+    .await;
+
+    let mut app = h1(listener(&amb, "dead")).await;
+    let resp = app.send_request(get("/hello")).await.expect("an answer");
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let text = body_text(resp.into_body()).await;
+    assert!(text.contains("upstream \"dead\""), "{text}");
+    assert!(text.contains("connect attempt"), "{text}");
+
+    let mut app = h1(listener(&amb, "silent")).await;
+    let resp = app.send_request(get("/hello")).await.expect("an answer");
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    let text = body_text(resp.into_body()).await;
+    assert!(text.contains("upstream \"silent\""), "{text}");
+    assert_eq!(
+        metric(
+            &amb,
+            "wasmbassador_http_requests_total{listener=\"silent\",class=\"5xx\"}"
+        ),
+        1.0
+    );
+    holding.abort();
+    amb.shutdown().await;
+}
+
+/// Sends raw bytes on a fresh connection and returns what comes back until the
+/// server closes, a whole response head has arrived, or 4 KiB.
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    loop {
+        match tokio::time::timeout(PATIENCE, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => {
+                got.extend_from_slice(&buf[..n]);
+                if got.len() >= 4096 || got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            Err(_) => panic!("no answer and no close within {PATIENCE:?}"),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_on_one_app_connection_leaves_the_others_alone() {
+    let pki = Pki::new();
+    let one = Upstream::start(&pki, "one", &[b"http/1.1"]).await;
+    let amb = start(&[
+        listener_block("api", "api", ""),
+        upstream_block(&pki, "api", &[(one.addr, 0)], ""),
+    ])
+    .await;
+    let addr = listener(&amb, "api");
+
+    // A keep-alive app connection, used before and after the bad ones.
+    let mut good = h1(addr).await;
+    let resp = good.send_request(get("/hello")).await.expect("good request");
+    assert_eq!(resp.status(), StatusCode::OK);
+    body_text(resp.into_body()).await;
+
+    // A slowloris head that never ends stays open beside everything else.
+    let mut slow = TcpStream::connect(addr).await.expect("connect");
+    slow.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .expect("write");
+
+    let malformed = raw(addr, b"THIS IS NOT HTTP\r\n\r\n").await;
+    assert!(malformed.starts_with("HTTP/1.1 400"), "{malformed:?}");
+
+    let mut huge = b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 100 * 1024));
+    huge.extend_from_slice(b"\r\n\r\n");
+    let oversized = raw(addr, &huge).await;
+    assert!(oversized.starts_with("HTTP/1.1 431"), "{oversized:?}");
+
+    let connect = raw(
+        addr,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    )
+    .await;
+    assert!(connect.starts_with("HTTP/1.1 405"), "{connect:?}");
+
+    let bad_h2 = raw(
+        addr,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x04\x99garbage-frame",
+    )
+    .await;
+    assert!(!bad_h2.contains("hello from"), "{bad_h2:?}");
+
+    for _ in 0..3 {
+        good.ready().await.expect("the good connection is still open");
+        let resp = good
+            .send_request(get("/hello"))
+            .await
+            .expect("good request after bad input");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(body_text(resp.into_body()).await, "hello from one\n");
+        let mut fresh = h1(addr).await;
+        let resp = fresh.send_request(get("/hello")).await.expect("fresh request");
+        assert_eq!(resp.status(), StatusCode::OK);
+        body_text(resp.into_body()).await;
+    }
+    drop(slow);
+    amb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_app_connections_close_and_a_drain_ends_keep_alive_connections_gracefully() {
+    let pki = Pki::new();
+    let one = Upstream::start(&pki, "one", &[b"http/1.1"]).await;
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ndrain_timeout = \"10m\"\n{}{}{}",
+        listener_block("idle", "api", "idle_timeout = \"300ms\""),
+        listener_block("api", "api", ""),
+        upstream_block(&pki, "api", &[(one.addr, 0)], ""),
+    );
+    let amb = Ambassador::start(Config::parse(&text, "t").expect("config"))
+        .await
+        .expect("start");
+
+    // After one request, an idle keep-alive connection is closed by wasmbassador.
+    let mut s = TcpStream::connect(listener(&amb, "idle")).await.expect("connect");
+    s.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut got))
+        .await
+        .expect("the idle connection was closed")
+        .expect("read");
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        got.starts_with("HTTP/1.1 200") && got.contains("hello from one"),
+        "{got}"
+    );
+
+    // A head that never ends is cut off too (slowloris), here after idle_timeout.
+    let mut slow = TcpStream::connect(listener(&amb, "idle")).await.expect("connect");
+    slow.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    tokio::time::timeout(PATIENCE, slow.read_to_end(&mut got))
+        .await
+        .expect("the partial head's connection was closed")
+        .ok();
+    let got = String::from_utf8_lossy(&got);
+    assert!(!got.contains("hello from"), "{got}");
+
+    // A keep-alive connection does not hold up a drain: it is closed between
+    // requests, long before the ten-minute drain timeout.
+    let mut app = h1(listener(&amb, "api")).await;
+    let resp = tokio::time::timeout(PATIENCE, app.send_request(get("/hello")))
+        .await
+        .expect("an answer in time")
+        .expect("request");
+    body_text(resp.into_body()).await;
+    tokio::time::timeout(PATIENCE, amb.shutdown())
+        .await
+        .expect("drain finished without waiting for the drain timeout");
+    let after = tokio::time::timeout(PATIENCE, app.send_request(get("/hello")))
+        .await
+        .expect("the closed connection fails at once");
+    assert!(after.is_err(), "the app connection was closed: {after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_requests_are_retried_after_a_reset_or_503_and_posts_are_not() {
+    let pki = Pki::new();
+    let one = Upstream::start(&pki, "one", &[b"http/1.1"]).await;
+    let two = Upstream::start(&pki, "two", &[b"h2"]).await;
+    let amb = start(&[
+        listener_block("h1", "one", ""),
+        listener_block("h2", "two", ""),
+        upstream_block(&pki, "one", &[(one.addr, 0)], ""),
+        upstream_block(&pki, "two", &[(two.addr, 0)], ""),
+    ])
+    .await;
+    for (name, server) in [("h1", &one), ("h2", &two)] {
+        let addr = listener(&amb, name);
+        for path in ["/flaky-503?get", "/flaky-reset?get"] {
+            let mut app = h1(addr).await;
+            let resp = app.send_request(get(path)).await.expect("request");
+            assert_eq!(resp.status(), StatusCode::OK, "{name} GET {path}");
+            assert_eq!(
+                body_text(resp.into_body()).await,
+                format!("hello from {}\n", if name == "h1" { "one" } else { "two" })
+            );
+            assert_eq!(
+                server.hits(path),
+                2,
+                "{name} GET {path}: one failed try, one retry"
+            );
+        }
+        for (path, status) in [
+            ("/flaky-503?post", StatusCode::SERVICE_UNAVAILABLE),
+            ("/flaky-reset?post", StatusCode::BAD_GATEWAY),
+        ] {
+            let mut app = h1(addr).await;
+            let req = Request::post(path)
+                .header("host", "localhost")
+                .body(Full::new(Bytes::from_static(b"once only")).boxed())
+                .expect("request");
+            let resp = app.send_request(req).await.expect("request");
+            assert_eq!(resp.status(), status, "{name} POST {path}");
+            body_text(resp.into_body()).await;
+            assert_eq!(server.hits(path), 1, "{name} POST {path} is never sent twice");
+        }
+    }
+    let shown = amb.shared().metrics.encode();
+    for reason in ["status", "reset"] {
+        assert!(
+            metric_value(
+                &shown,
+                &format!(
+                    "wasmbassador_http_retries_total{{listener=\"h2\",reason=\"{reason}\",outcome=\"retried\"}}"
+                )
+            ) >= 1.0,
+            "{shown}"
+        );
+    }
+    amb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_stops_a_retry_storm() {
+    let pki = Pki::new();
+    let one = Upstream::start(&pki, "one", &[b"h2"]).await;
+    let amb = start(&[
+        listener_block("api", "api", ""),
+        upstream_block(
+            &pki,
+            "api",
+            &[(one.addr, 0)],
+            "http = { retry = { attempts = 3, budget_percent = 10, min_retries_per_second = 0 } }",
+        ),
+    ])
+    .await;
+    let addr = listener(&amb, "api");
+    let mut app = h2c(addr).await;
+    for i in 0..100 {
+        let req = Request::get(format!("http://{addr}/always-503"))
+            .body(empty())
+            .expect("request");
+        let resp = app.send_request(req).await.expect("request");
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE, "request {i}");
+        body_text(resp.into_body()).await;
+    }
+    let tries = one.hits("/always-503");
+    // 100 first tries; retries at most 10 % of them, where three tries each would
+    // have made 300.
+    assert!((101..=110).contains(&tries), "{tries} tries reached the upstream");
+    assert!(
+        metric(
+            &amb,
+            "wasmbassador_http_retries_total{listener=\"api\",reason=\"status\",outcome=\"budget_exhausted\"}"
+        ) >= 80.0
+    );
+    amb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_past_max_lifetime_is_retired_after_its_next_response() {
+    let pki = Pki::new();
+    let one = Upstream::start(&pki, "one", &[b"http/1.1"]).await;
+    let amb = start(&[
+        listener_block("api", "api", ""),
+        upstream_block(
+            &pki,
+            "api",
+            &[(one.addr, 0)],
+            "http = { max_lifetime = \"200ms\" }",
+        ),
+    ])
+    .await;
+    let addr = listener(&amb, "api");
+    let ask = || async move {
+        let mut app = h1(addr).await;
+        let resp = app.send_request(get("/hello")).await.expect("request");
+        assert_eq!(resp.status(), StatusCode::OK);
+        body_text(resp.into_body()).await;
+    };
+    // The pauses let each connection go back to the pool and grow older than
+    // max_lifetime: ask 1 opens c1; ask 2 reuses c1 (old now), which is then
+    // retired; ask 3 opens c2; ask 4 reuses c2 and retires it. Without retirement
+    // one connection would serve all four.
+    for _ in 0..4 {
+        ask().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(one.accepted(), 2, "connections reused once old, then retired");
+    amb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_text_upstreams_get_http1_by_default_h2c_when_configured_and_a_configured_host() {
+    let h1_server = Upstream::start_plain("plain1", false).await;
+    let h2_server = Upstream::start_plain("plain2", true).await;
+    let amb = start(&[
+        listener_block("a", "plain1", ""),
+        listener_block("b", "plain2", ""),
+        format!("[[upstream]]\nname = \"plain1\"\n  [[upstream.endpoint]]\n  address = \"{}\"\n", h1_server.addr),
+        format!(
+            "[[upstream]]\nname = \"plain2\"\nhttp = {{ version = \"http2\", host = \"orders.internal\" }}\n  [[upstream.endpoint]]\n  address = \"{}\"\n",
+            h2_server.addr
+        ),
+    ])
+    .await;
+    let mut app = h1(listener(&amb, "a")).await;
+    let resp = app.send_request(get("/hello")).await.expect("request");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "x-seen-version"), "HTTP/1.1");
+    assert_eq!(header(&resp, "x-seen-host"), h1_server.addr.to_string());
+    body_text(resp.into_body()).await;
+
+    let mut app = h1(listener(&amb, "b")).await;
+    let resp = app.send_request(get("/hello")).await.expect("request");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "x-seen-version"), "HTTP/2.0");
+    assert_eq!(header(&resp, "x-seen-host"), "orders.internal");
+    assert_eq!(body_text(resp.into_body()).await, "hello from plain2\n");
+    amb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_moves_the_upstream_takes_effect_on_open_app_connections() {
+    let pki = Pki::new();
+    let old = Upstream::start(&pki, "old", &[b"h2"]).await;
+    let new = Upstream::start(&pki, "new", &[b"h2"]).await;
+    let config = |to: SocketAddr| {
+        let text = format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n{}{}",
+            listener_block("api", "api", ""),
+            upstream_block(&pki, "api", &[(to, 0)], ""),
+        );
+        Config::parse(&text, "t").expect("config")
+    };
+    let amb = Ambassador::start(config(old.addr)).await.expect("start");
+    let mut app = h1(listener(&amb, "api")).await;
+    let resp = app.send_request(get("/hello")).await.expect("request");
+    assert_eq!(header(&resp, "x-server"), "old");
+    body_text(resp.into_body()).await;
+
+    let summary = amb.reload(config(new.addr)).await.expect("reload");
+    assert!(
+        summary.changed.is_empty() && summary.added.is_empty(),
+        "{summary:?}"
+    );
+    // The same keep-alive app connection: the next request uses the new upstream's pool.
+    app.ready().await.expect("the app connection survived the reload");
+    let resp = app.send_request(get("/hello")).await.expect("request");
+    assert_eq!(header(&resp, "x-server"), "new");
+    body_text(resp.into_body()).await;
+    assert_eq!(new.accepted(), 1);
+    amb.shutdown().await;
+}
