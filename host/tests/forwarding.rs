@@ -274,6 +274,11 @@ async fn the_http_service_example_carries_plain_http_to_an_https_server() {
             .header(hyper::header::HOST, "localhost:8080")
             .body(Full::new(Bytes::from(body)))
             .expect("request");
+        // The connection takes the next request only once it has finished the last.
+        sender
+            .ready()
+            .await
+            .expect("the keep-alive connection stays open");
         let resp = tokio::time::timeout(PATIENCE, sender.send_request(req))
             .await
             .expect("an answer in time")
