@@ -272,7 +272,8 @@ pub enum HealthCheck {
     Tcp,
     /// An SSLRequest probe: needs no credentials, proves a PostgreSQL server answers.
     Postgres,
-    /// HTTP GET: planned, refused by validation in this version.
+    /// HTTP GET of `health.path` (over the upstream's TLS, HTTP/2 or HTTP/1.1 by
+    /// ALPN), healthy on `health.expect` (any 2xx when not set).
     Http,
 }
 
@@ -292,6 +293,10 @@ pub struct HealthConfig {
     pub unhealthy_after: u32,
     /// Consecutive good probes before an unhealthy endpoint is called healthy again.
     pub healthy_after: u32,
+    /// `http` checks: the path (and query) to GET.
+    pub path: String,
+    /// `http` checks: the status that means healthy; any 2xx when not set.
+    pub expect: Option<u16>,
 }
 
 impl Default for HealthConfig {
@@ -302,6 +307,8 @@ impl Default for HealthConfig {
             timeout: Duration::from_secs(1),
             unhealthy_after: 2,
             healthy_after: 2,
+            path: "/".into(),
+            expect: None,
         }
     }
 }
@@ -847,11 +854,30 @@ impl Checker<'_> {
                 );
             }
             if u.health.check == HealthCheck::Http {
+                if !u.health.path.starts_with('/') || u.health.path.parse::<http::Uri>().is_err() {
+                    report(
+                        &label,
+                        Some("health.path"),
+                        format!(
+                            "{:?} is not a request path; write it like \"/healthz\"",
+                            u.health.path
+                        ),
+                    );
+                }
+                if let Some(code) = u.health.expect
+                    && !(100..=599).contains(&code)
+                {
+                    report(
+                        &label,
+                        Some("health.expect"),
+                        format!("{code} is not an HTTP status (100 to 599)"),
+                    );
+                }
+            } else if u.health.path != "/" || u.health.expect.is_some() {
                 report(
                     &label,
-                    Some("health.check"),
-                    "health check \"http\" is not available in this version; use \"tcp\" or \"postgres\""
-                        .into(),
+                    Some("health.path"),
+                    "health.path and health.expect apply to check = \"http\" only".into(),
                 );
             }
             let h = &u.http;
@@ -1143,6 +1169,40 @@ tls = { server_name = "x" }
             "{shown}"
         );
         assert_eq!(e.problems.len(), 5, "{shown}");
+    }
+
+    #[test]
+    fn http_health_settings_are_checked() {
+        let config = |health: &str| {
+            format!(
+                "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:1\"\nupstream = \"u\"\n\
+                 [[upstream]]\nname = \"u\"\nhealth = {health}\n  [[upstream.endpoint]]\n  address = \"127.0.0.1:2\"\n"
+            )
+        };
+        let ok = Config::parse(
+            &config(r#"{ check = "http", path = "/healthz?full=1", expect = 204 }"#),
+            "t",
+        )
+        .expect("a good http check");
+        assert_eq!(ok.upstreams[0].health.path, "/healthz?full=1");
+        assert_eq!(ok.upstreams[0].health.expect, Some(204));
+        for (health, want) in [
+            (
+                r#"{ check = "http", path = "healthz" }"#,
+                "health.path: \"healthz\" is not a request path",
+            ),
+            (
+                r#"{ check = "http", expect = 700 }"#,
+                "health.expect: 700 is not an HTTP status",
+            ),
+            (
+                r#"{ check = "tcp", path = "/healthz" }"#,
+                "apply to check = \"http\" only",
+            ),
+        ] {
+            let shown = Config::parse(&config(health), "t").expect_err(health).to_string();
+            assert!(shown.contains(want), "{health}: {shown}");
+        }
     }
 
     #[test]

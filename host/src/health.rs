@@ -7,8 +7,8 @@ use std::sync::{Arc, Weak};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::config::HealthCheck;
-use crate::connect::resolve;
+use crate::config::{HealthCheck, HttpVersion, PostgresTls};
+use crate::connect::{Handshake, dial, resolve};
 use crate::postgres::SSL_REQUEST;
 use crate::upstream::{Endpoint, Upstream};
 
@@ -39,6 +39,11 @@ pub fn spawn(upstream: &Arc<Upstream>) {
 async fn probe(up: &Upstream, ep: &Endpoint) -> Result<(), String> {
     let h = &up.config.health;
     let check = h.check;
+    if check == HealthCheck::Http {
+        return tokio::time::timeout(h.timeout, http_probe(up, ep))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {:?}", h.timeout)));
+    }
     let address = ep.config.address.clone();
     let run = async move {
         let peer = resolve(&address).await.map_err(|e| e.to_string())?[0];
@@ -62,4 +67,66 @@ async fn probe(up: &Upstream, ep: &Endpoint) -> Result<(), String> {
     tokio::time::timeout(h.timeout, run)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {:?}", h.timeout)))
+}
+
+/// `GET health.path` on one endpoint, over the upstream's TLS (verified like any
+/// other connection to it) and with the `Host` that requests get; HTTP/2 when ALPN
+/// (or `http.version = "http2"`) says so, else HTTP/1.1. A fresh connection each
+/// time: the probe asks whether the endpoint accepts connections and answers, which
+/// a pooled connection would not show.
+async fn http_probe(up: &Upstream, ep: &Endpoint) -> Result<(), String> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let h = &up.config.health;
+    let version = up.config.http.version;
+    let (io, _) = dial(
+        &ep.config.address,
+        up.tls.as_ref(),
+        PostgresTls::default(),
+        Handshake::Http(version),
+        up.config.connect_timeout,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let h2 = io.alpn_h2() || version == HttpVersion::Http2;
+    let authority = crate::http::headers::upstream_authority(&up.config)?;
+    let request = |target: String| {
+        hyper::Request::get(target)
+            .header(hyper::header::HOST, authority.as_str())
+            .header(hyper::header::USER_AGENT, "wasmbassador-health")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| format!("health request: {e}"))
+    };
+    let response = if h2 {
+        let scheme = if up.tls.is_some() { "https" } else { "http" };
+        let req = request(format!("{scheme}://{authority}{}", h.path))?;
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        tokio::spawn(conn);
+        send.send_request(req).await
+    } else {
+        let req = request(h.path.clone())?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| format!("HTTP/1.1 handshake: {e}"))?;
+        tokio::spawn(conn);
+        send.send_request(req).await
+    }
+    .map_err(|e| format!("GET {}: {e}", h.path))?;
+    let status = response.status().as_u16();
+    // Read the (small) body so the connection ends cleanly; its content is not judged.
+    let _ = response.into_body().collect().await;
+    let healthy = match h.expect {
+        Some(want) => status == want,
+        None => (200..300).contains(&status),
+    };
+    if healthy {
+        Ok(())
+    } else {
+        let want = h.expect.map_or("a 2xx".to_string(), |w| w.to_string());
+        Err(format!("GET {} answered {status}, expected {want}", h.path))
+    }
 }

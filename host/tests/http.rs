@@ -256,6 +256,9 @@ async fn handle(
         "/flaky-503" | "/always-503" if seen == 1 || path == "/always-503" => {
             return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "try again\n"));
         }
+        "/healthz" if name.starts_with("sick") => {
+            return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"));
+        }
         "/flaky-reset" if seen == 1 => {
             return Err(std::io::Error::other("reset on purpose"));
         }
@@ -1016,6 +1019,66 @@ async fn idempotent_requests_are_retried_after_a_reset_or_503_and_posts_are_not(
             "{shown}"
         );
     }
+    amb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_health_check_takes_an_endpoint_that_answers_503_out_of_rotation() {
+    let pki = Pki::new();
+    // The preferred endpoint accepts connections but its /healthz answers 503.
+    let sick = Upstream::start(&pki, "sick", &[b"h2", b"http/1.1"]).await;
+    let well = Upstream::start(&pki, "well", &[b"http/1.1"]).await;
+    let amb = start(&[
+        listener_block("api", "api", ""),
+        upstream_block(
+            &pki,
+            "api",
+            &[(sick.addr, 0), (well.addr, 1)],
+            r#"health = { check = "http", path = "/healthz", expect = 200, interval = "100ms", timeout = "2s", unhealthy_after = 1, healthy_after = 1 }"#,
+        ),
+    ])
+    .await;
+    let sick_endpoint = sick.addr.to_string();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let status = loop {
+        let up = amb.shared().upstream("api").expect("upstream api");
+        let ep = up
+            .status()
+            .endpoints
+            .into_iter()
+            .find(|e| e.address == sick_endpoint)
+            .expect("the sick endpoint in the status");
+        if !ep.healthy {
+            break ep;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sick endpoint never became unhealthy: {ep:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let reason = status.last_error.unwrap_or_default();
+    assert!(
+        reason.contains("GET /healthz answered 503, expected 200"),
+        "the reason: {reason}"
+    );
+    // Both endpoints were probed over TLS (HTTP/2 to one, HTTP/1.1 to the other).
+    assert!(sick.hits("/healthz") >= 1 && well.hits("/healthz") >= 1);
+
+    // Requests now go to the healthy endpoint; the sick one sees none of them.
+    let mut app = h1(listener(&amb, "api")).await;
+    for _ in 0..5 {
+        app.ready().await.expect("app connection ready");
+        let resp = app.send_request(get("/hello")).await.expect("request");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(header(&resp, "x-server"), "well");
+        body_text(resp.into_body()).await;
+    }
+    assert_eq!(
+        sick.hits("/hello"),
+        0,
+        "no request reached the unhealthy endpoint"
+    );
     amb.shutdown().await;
 }
 
