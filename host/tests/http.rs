@@ -162,6 +162,7 @@ where
     } else {
         let _ = hyper::server::conn::http1::Builder::new()
             .serve_connection(io, service)
+            .with_upgrades()
             .await;
     }
 }
@@ -256,6 +257,7 @@ async fn handle(
         "/flaky-503" | "/always-503" if seen == 1 || path == "/always-503" => {
             return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "try again\n"));
         }
+        "/ws" => return Ok(websocket_echo(name, req)),
         "/healthz" if name.starts_with("sick") => {
             return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"));
         }
@@ -267,6 +269,44 @@ async fn handle(
     Ok(resp
         .body(body)
         .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "bad response")))
+}
+
+/// Accepts a WebSocket handshake (RFC 6455) and echoes every text and binary message,
+/// prefixed with the server's name; anything else on `/ws` gets a 400.
+fn websocket_echo(name: &'static str, mut req: Request<Incoming>) -> Response<TestBody> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        return text(StatusCode::BAD_REQUEST, "not a WebSocket handshake\n");
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut ws =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
+                .await;
+        while let Some(Ok(msg)) = ws.next().await {
+            let answer = match msg {
+                Message::Text(t) => Message::text(format!("{name}: {t}")),
+                Message::Binary(b) => Message::binary(b),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if ws.send(answer).await.is_err() {
+                break;
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .header("sec-websocket-accept", derive_accept_key(key.as_bytes()))
+        .body(Empty::new().boxed())
+        .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "bad response"))
 }
 
 fn text(status: StatusCode, t: &'static str) -> Response<TestBody> {
@@ -1019,6 +1059,63 @@ async fn idempotent_requests_are_retried_after_a_reset_or_503_and_posts_are_not(
             "{shown}"
         );
     }
+    amb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_upgrade_passes_through_to_an_https_upstream_and_echoes() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let pki = Pki::new();
+    // The upstream offers h2 first: the upgrade must still go over HTTP/1.1.
+    let one = Upstream::start(&pki, "one", &[b"h2", b"http/1.1"]).await;
+    let amb = start(&[
+        listener_block("api", "api", ""),
+        upstream_block(&pki, "api", &[(one.addr, 0)], ""),
+    ])
+    .await;
+    let addr = listener(&amb, "api");
+    let tcp = TcpStream::connect(addr)
+        .await
+        .expect("connecting to the listener");
+    let (mut ws, resp) = tokio::time::timeout(
+        PATIENCE,
+        tokio_tungstenite::client_async(format!("ws://{addr}/ws"), tcp),
+    )
+    .await
+    .expect("the handshake in time")
+    .expect("a WebSocket handshake through the listener");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    for i in 0..20 {
+        ws.send(Message::text(format!("ping {i}")))
+            .await
+            .expect("sending");
+        let answer = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("an answer in time")
+            .expect("the stream is open")
+            .expect("a message");
+        assert_eq!(answer, Message::text(format!("one: ping {i}")));
+    }
+    // A large binary message comes back whole.
+    let big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    ws.send(Message::binary(big.clone()))
+        .await
+        .expect("sending binary");
+    let answer = tokio::time::timeout(PATIENCE, ws.next())
+        .await
+        .expect("an answer in time")
+        .expect("the stream is open")
+        .expect("a message");
+    assert_eq!(answer.into_data().as_ref(), big.as_slice());
+    ws.close(None).await.expect("closing");
+    assert_eq!(one.hits("/ws"), 1, "one handshake reached the upstream");
+
+    // Ordinary requests on new app connections still work beside it.
+    let mut app = h1(addr).await;
+    let resp = app.send_request(get("/hello")).await.expect("request");
+    assert_eq!(resp.status(), StatusCode::OK);
     amb.shutdown().await;
 }
 

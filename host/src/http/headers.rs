@@ -12,8 +12,8 @@ use crate::config::{UpstreamConfig, split_host_port};
 const HOP_BY_HOP: [&str; 5] = ["connection", "keep-alive", "te", "transfer-encoding", "upgrade"];
 
 /// Removes hop-by-hop fields: `Connection` and every field it names, `Keep-Alive`,
-/// `Proxy-*`, `TE`, `Transfer-Encoding` and `Upgrade` (upgrades are not passed on
-/// yet). In a request, `TE: trailers` survives (`keep_te_trailers`): it says the
+/// `Proxy-*`, `TE`, `Transfer-Encoding` and `Upgrade` (an upgrade sets its own
+/// `Upgrade` and `Connection` again, per hop). In a request, `TE: trailers` survives (`keep_te_trailers`): it says the
 /// client takes trailers, which gRPC over HTTP/2 requires end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     let te_trailers = keep_te_trailers
@@ -51,6 +51,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     if te_trailers {
         headers.insert(TE, HeaderValue::from_static("trailers"));
     }
+}
+
+/// Whether an HTTP/1.1 request asks to switch protocols (`Connection: upgrade` and an
+/// `Upgrade` field), as a WebSocket handshake does.
+pub fn wants_upgrade<B>(req: &http::Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(http::header::UPGRADE)
+        && req
+            .headers()
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
 /// Appends this hop to `Via` (RFC 9110 §7.6.3: a proxy sends it), with the protocol

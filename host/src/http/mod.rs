@@ -27,7 +27,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HOST};
+use http::header::{CONNECTION, CONTENT_TYPE, HOST, HeaderValue, UPGRADE};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -38,7 +38,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::ambassador::Shared;
-use crate::connect::DialError;
+use crate::config::HttpVersion;
+use crate::connect::{DialError, Handshake};
 use crate::listener::ListenerState;
 use crate::metrics::{HttpRequestLabels, HttpRetryLabels};
 use crate::upstream::Upstream;
@@ -88,7 +89,8 @@ pub async fn serve(
         io: TokioIo::new(sock),
         activity: activity.clone(),
     };
-    let conn = builder.serve_connection(io, service);
+    // Upgrades (WebSocket) hand the connection to `upgrade`, which then owns it.
+    let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let mut closing = false;
     loop {
@@ -166,6 +168,9 @@ impl Ctx {
                 format!("wasmbassador: no upstream named {name:?}\n"),
             );
         };
+        if headers::wants_upgrade(&req) {
+            return self.upgrade(&up, req).await;
+        }
         let pool = up.http_pool();
         let authority = match &pool.authority {
             Ok(a) => a.clone(),
@@ -294,6 +299,111 @@ impl Ctx {
                 );
             }
         }
+    }
+
+    /// An HTTP/1.1 `Upgrade` (WebSocket): on a connection of its own, never pooled and
+    /// never retried, offering only HTTP/1.1 (an upgrade cannot cross HTTP/2). The
+    /// request goes up with its `Upgrade` and `Connection: upgrade`; if the upstream
+    /// answers 101, both sides are switched and the bytes copied both ways until either
+    /// closes or the drain timeout ends. Any other answer is passed on as it is.
+    async fn upgrade(&self, up: &Arc<Upstream>, mut req: Request<Incoming>) -> Response<Body> {
+        let name = &up.config.name;
+        let authority = match headers::upstream_authority(&up.config) {
+            Ok(a) => a,
+            Err(e) => {
+                return local(
+                    StatusCode::BAD_GATEWAY,
+                    format!("wasmbassador: upstream {name:?}: {e}\n"),
+                );
+            }
+        };
+        let connected = match up.connect(Handshake::Http(HttpVersion::Http1), None, None).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(listener = %self.st.config.name, upstream = %name, error = %e, "upgrade: no upstream connection");
+                return local(
+                    StatusCode::BAD_GATEWAY,
+                    format!("wasmbassador: cannot reach upstream {name:?}: {}\n", e.last),
+                );
+            }
+        };
+        let (mut send, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(connected.io)).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                return local(
+                    StatusCode::BAD_GATEWAY,
+                    format!("wasmbassador: upstream {name:?}: {e}\n"),
+                );
+            }
+        };
+        tokio::spawn(conn.with_upgrades());
+        let app_side = hyper::upgrade::on(&mut req);
+        let received = req.version();
+        let (mut parts, body) = req.into_parts();
+        let protocol = parts.headers.get(UPGRADE).cloned();
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        headers::add_via(&mut parts.headers, received);
+        if let Some(p) = protocol {
+            parts.headers.insert(UPGRADE, p);
+            parts
+                .headers
+                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        parts.headers.insert(
+            HOST,
+            HeaderValue::from_str(authority.as_str()).unwrap_or(HeaderValue::from_static("localhost")),
+        );
+        parts.version = Version::HTTP_11;
+        let outbound = Request::from_parts(parts, body);
+        let mut resp = match send.send_request(outbound).await {
+            Ok(r) => r,
+            Err(e) => {
+                return local(
+                    StatusCode::BAD_GATEWAY,
+                    format!("wasmbassador: upstream {name:?}: {e}\n"),
+                );
+            }
+        };
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let (mut parts, body) = resp.into_parts();
+            headers::strip_hop_by_hop(&mut parts.headers, false);
+            headers::add_via(&mut parts.headers, parts.version);
+            parts.version = received;
+            return Response::from_parts(parts, Either::Left(body));
+        }
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        let listener = self.st.config.name.clone();
+        let hard_stop = self.shared.hard_stop.clone();
+        tokio::spawn(async move {
+            let (app, upstream) = match tokio::try_join!(app_side, upstream_side) {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::debug!(%listener, error = %e, "upgrade did not complete");
+                    return;
+                }
+            };
+            let (mut app, mut upstream) = (TokioIo::new(app), TokioIo::new(upstream));
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut app, &mut upstream) => {
+                    if let Err(e) = r {
+                        tracing::debug!(%listener, error = %e, "upgraded connection ended with an error");
+                    }
+                }
+                _ = hard_stop.cancelled() => {}
+            }
+        });
+        // The 101 goes back with the upstream's `Upgrade` and `Connection: upgrade`.
+        let (mut parts, _) = resp.into_parts();
+        let protocol = parts.headers.get(UPGRADE).cloned();
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        headers::add_via(&mut parts.headers, parts.version);
+        if let Some(p) = protocol {
+            parts.headers.insert(UPGRADE, p);
+            parts
+                .headers
+                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        Response::from_parts(parts, Either::Right(Full::new(Bytes::new())))
     }
 
     /// Asks the budget for one retry and counts the answer.
