@@ -697,6 +697,20 @@ async fn large_bodies_stream_both_ways_with_digests_and_trailers() {
         trailers.get("x-sha256").and_then(|v| v.to_str().ok()),
         Some(expected.as_str())
     );
+    // The app connections' bytes are counted per listener, both ways: each listener
+    // carried one large upload and one large download.
+    for listener in ["h1", "h2"] {
+        for direction in ["to_upstream", "to_client"] {
+            let sample = format!(
+                "wasmbassador_listener_bytes_total{{listener=\"{listener}\",direction=\"{direction}\"}}"
+            );
+            let bytes = metric(&amb, &sample);
+            assert!(
+                bytes >= LARGE as f64 && bytes < 2.0 * LARGE as f64,
+                "{sample} = {bytes}"
+            );
+        }
+    }
     amb.shutdown().await;
 }
 

@@ -41,9 +41,10 @@ use crate::ambassador::Shared;
 use crate::config::HttpVersion;
 use crate::connect::{DialError, Handshake};
 use crate::listener::ListenerState;
-use crate::metrics::{HttpRequestLabels, HttpRetryLabels};
+use crate::metrics::{BytesLabels, HttpRequestLabels, HttpRetryLabels};
 use crate::upstream::Upstream;
 use pool::{ConnInfo, PoolConnectError};
+use prometheus_client::metrics::counter::Counter;
 
 /// Without `idle_timeout`, an HTTP/1.1 client gets this long to send each complete
 /// request head. hyper starts this clock when it waits for the next request, so it
@@ -70,6 +71,7 @@ pub async fn serve(
     let idle = st.config.idle_timeout;
     let listener = st.config.name.clone();
     let ctx = Arc::new(Ctx { shared, st });
+    let for_counters = ctx.clone();
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(ctx.proxy(req).await) }
@@ -85,8 +87,23 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEAD as u32);
     let activity = Activity::new();
+    let counter = |direction| {
+        for_counters
+            .shared
+            .metrics
+            .bytes
+            .get_or_create(&BytesLabels {
+                listener: listener.clone(),
+                direction,
+            })
+            .clone()
+    };
     let io = Watched {
-        io: TokioIo::new(sock),
+        io: TokioIo::new(Counted {
+            sock,
+            from_app: counter("to_upstream"),
+            to_app: counter("to_client"),
+        }),
         activity: activity.clone(),
     };
     // Upgrades (WebSocket) hand the connection to `upgrade`, which then owns it.
@@ -524,9 +541,68 @@ impl Activity {
     }
 }
 
+/// The app's socket, counting the bytes it moves into `listener_bytes`: for an `http`
+/// listener, `to_upstream` is what the app sent and `to_client` what it received
+/// (request and response heads included, as they travel on this connection).
+struct Counted {
+    sock: TcpStream,
+    from_app: Counter,
+    to_app: Counter,
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.sock).poll_read(cx, buf);
+        this.from_app.inc_by((buf.filled().len() - before) as u64);
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.sock).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.to_app.inc_by(n as u64);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.sock).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            this.to_app.inc_by(n as u64);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.sock.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().sock).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().sock).poll_shutdown(cx)
+    }
+}
+
 /// The app connection, noting activity for `idle_timeout`.
 struct Watched {
-    io: TokioIo<TcpStream>,
+    io: TokioIo<Counted>,
     activity: Activity,
 }
 
