@@ -98,14 +98,12 @@ pub async fn serve(
             })
             .clone()
     };
-    let io = Watched {
-        io: TokioIo::new(Counted {
-            sock,
-            from_app: counter("to_upstream"),
-            to_app: counter("to_client"),
-        }),
+    let io = TokioIo::new(AppConn {
+        sock,
+        from_app: counter("to_upstream"),
+        to_app: counter("to_client"),
         activity: activity.clone(),
-    };
+    });
     // Upgrades (WebSocket) hand the connection to `upgrade`, which then owns it.
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
@@ -357,15 +355,7 @@ impl Ctx {
         let app_side = hyper::upgrade::on(&mut req);
         let received = req.version();
         let (mut parts, body) = req.into_parts();
-        let protocol = parts.headers.get(UPGRADE).cloned();
-        headers::strip_hop_by_hop(&mut parts.headers, false);
-        headers::add_via(&mut parts.headers, received);
-        if let Some(p) = protocol {
-            parts.headers.insert(UPGRADE, p);
-            parts
-                .headers
-                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
-        }
+        upgrade_hop(&mut parts.headers, received);
         parts.headers.insert(
             HOST,
             HeaderValue::from_str(authority.as_str()).unwrap_or(HeaderValue::from_static("localhost")),
@@ -411,15 +401,7 @@ impl Ctx {
         });
         // The 101 goes back with the upstream's `Upgrade` and `Connection: upgrade`.
         let (mut parts, _) = resp.into_parts();
-        let protocol = parts.headers.get(UPGRADE).cloned();
-        headers::strip_hop_by_hop(&mut parts.headers, false);
-        headers::add_via(&mut parts.headers, parts.version);
-        if let Some(p) = protocol {
-            parts.headers.insert(UPGRADE, p);
-            parts
-                .headers
-                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
-        }
+        upgrade_hop(&mut parts.headers, parts.version);
         Response::from_parts(parts, Either::Right(Full::new(Bytes::new())))
     }
 
@@ -495,6 +477,18 @@ impl Ctx {
     }
 }
 
+/// The header rules of one hop of an upgrade: hop-by-hop fields go, `Via` is added,
+/// and `Upgrade` with `Connection: upgrade` are set again for the next hop.
+fn upgrade_hop(h: &mut http::HeaderMap, received: Version) {
+    let protocol = h.get(UPGRADE).cloned();
+    headers::strip_hop_by_hop(h, false);
+    headers::add_via(h, received);
+    if let Some(p) = protocol {
+        h.insert(UPGRADE, p);
+        h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
 fn local(status: StatusCode, text: String) -> Response<Body> {
     let mut r = Response::new(Either::Right(Full::new(Bytes::from(text))));
     *r.status_mut() = status;
@@ -541,16 +535,29 @@ impl Activity {
     }
 }
 
-/// The app's socket, counting the bytes it moves into `listener_bytes`: for an `http`
-/// listener, `to_upstream` is what the app sent and `to_client` what it received
-/// (request and response heads included, as they travel on this connection).
-struct Counted {
+/// The app connection: its bytes go into `listener_bytes` (for an `http` listener,
+/// `to_upstream` is what the app sent and `to_client` what it received, heads
+/// included, as they travel on this connection), and every read or write is noted
+/// as activity for `idle_timeout`.
+struct AppConn {
     sock: TcpStream,
     from_app: Counter,
     to_app: Counter,
+    activity: Activity,
 }
 
-impl tokio::io::AsyncRead for Counted {
+impl AppConn {
+    fn wrote(&self, r: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(done) = r {
+            if let Ok(n) = done {
+                self.to_app.inc_by(*n as u64);
+            }
+            self.activity.touch();
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for AppConn {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -559,18 +566,19 @@ impl tokio::io::AsyncRead for Counted {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut this.sock).poll_read(cx, buf);
-        this.from_app.inc_by((buf.filled().len() - before) as u64);
+        if r.is_ready() {
+            this.from_app.inc_by((buf.filled().len() - before) as u64);
+            this.activity.touch();
+        }
         r
     }
 }
 
-impl tokio::io::AsyncWrite for Counted {
+impl tokio::io::AsyncWrite for AppConn {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.sock).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            this.to_app.inc_by(n as u64);
-        }
+        this.wrote(&r);
         r
     }
 
@@ -581,9 +589,7 @@ impl tokio::io::AsyncWrite for Counted {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.sock).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = r {
-            this.to_app.inc_by(n as u64);
-        }
+        this.wrote(&r);
         r
     }
 
@@ -597,62 +603,5 @@ impl tokio::io::AsyncWrite for Counted {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().sock).poll_shutdown(cx)
-    }
-}
-
-/// The app connection, noting activity for `idle_timeout`.
-struct Watched {
-    io: TokioIo<Counted>,
-    activity: Activity,
-}
-
-impl hyper::rt::Read for Watched {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.io).poll_read(cx, buf);
-        if r.is_ready() {
-            this.activity.touch();
-        }
-        r
-    }
-}
-
-impl hyper::rt::Write for Watched {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.io).poll_write(cx, buf);
-        if r.is_ready() {
-            this.activity.touch();
-        }
-        r
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        if r.is_ready() {
-            this.activity.touch();
-        }
-        r
     }
 }
