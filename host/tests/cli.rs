@@ -94,7 +94,7 @@ fn validate_accepts_every_example_config() {
         let text = std::fs::read_to_string(config).expect("read example");
         let root = dir.path().join("etc");
         let text = text.replace("/etc/wasmbassador/", &format!("{}/", root.display()));
-        for file in quoted_paths_under(&text, &root) {
+        for file in support::quoted_paths_under(&text, &root) {
             let contents = match file.extension().and_then(|x| x.to_str()) {
                 Some("key") => client.key_pem(),
                 Some("crt") => client.cert_pem(),
@@ -262,20 +262,6 @@ fn problem_lines(report: &str) -> Vec<String> {
         .filter(|l| l.starts_with("line "))
         .map(str::to_string)
         .collect()
-}
-
-/// Every quoted string in `text` that is a path under `root`.
-fn quoted_paths_under(text: &str, root: &Path) -> Vec<PathBuf> {
-    let prefix = format!("\"{}/", root.display());
-    let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(at) = rest.find(&prefix) {
-        let path = &rest[at + 1..];
-        let end = path.find('"').expect("closing quote");
-        out.push(PathBuf::from(&path[..end]));
-        rest = &path[end..];
-    }
-    out
 }
 
 /// The `host:port` after `http://` in a printed curl command.

@@ -18,7 +18,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -608,7 +608,7 @@ fn validate_accepts_each_plugin_example_and_names_the_file_and_step_of_a_bad_plu
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().join("etc");
         let text = text.replace("/etc/wasmbassador/", &format!("{}/", root.display()));
-        let files = quoted_paths_under(&text, &root);
+        let files = support::quoted_paths_under(&text, &root);
         assert!(
             files.iter().any(|f| f.extension().is_some_and(|x| x == "wasm")),
             "{example}/example.toml names its .wasm under /etc/wasmbassador"
@@ -899,18 +899,4 @@ fn wasmbassador(args: &[&str]) -> Output {
         .env_remove("RUST_LOG")
         .output()
         .unwrap_or_else(|e| panic!("running {BIN} {args:?}: {e}"))
-}
-
-/// Every quoted string in `text` that is a path under `root`.
-fn quoted_paths_under(text: &str, root: &Path) -> Vec<PathBuf> {
-    let prefix = format!("\"{}/", root.display());
-    let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(at) = rest.find(&prefix) {
-        let path = &rest[at + 1..];
-        let end = path.find('"').expect("closing quote");
-        out.push(PathBuf::from(&path[..end]));
-        rest = &path[end..];
-    }
-    out
 }

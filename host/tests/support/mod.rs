@@ -30,7 +30,7 @@ pub use pki::{CertFiles, Pki};
 pub use redis::Redis;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -104,4 +104,19 @@ pub(crate) fn chmod(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+/// The quoted paths in `text` (a config) that start with `root/`: the files an
+/// example config names, for a test to create under a temporary root.
+pub fn quoted_paths_under(text: &str, root: &Path) -> Vec<PathBuf> {
+    let prefix = format!("\"{}/", root.display());
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find(&prefix) {
+        let path = &rest[at + 1..];
+        let end = path.find('"').expect("closing quote");
+        out.push(PathBuf::from(&path[..end]));
+        rest = &path[end..];
+    }
+    out
 }
