@@ -237,6 +237,12 @@ pub struct HttpRetryConfig {
     /// ...plus this many retries per second, so that a quiet upstream can still
     /// retry.
     pub min_retries_per_second: f64,
+    /// A request that a plugin marked retryable may carry a body up to this size
+    /// (`Content-Length` known in advance): it is read whole before the first try, so
+    /// that it can be sent again. Larger bodies, or bodies of unknown length, stream and
+    /// are never retried. 0 retries only requests without a body.
+    #[serde(deserialize_with = "byte_size")]
+    pub buffer_body: u64,
 }
 
 impl Default for HttpRetryConfig {
@@ -246,6 +252,7 @@ impl Default for HttpRetryConfig {
             per_try_timeout: None,
             budget_percent: 20.0,
             min_retries_per_second: 10.0,
+            buffer_body: 64 << 10,
         }
     }
 }
@@ -792,16 +799,6 @@ impl Checker<'_> {
                 );
             }
             if l.protocol == Protocol::Http {
-                // Per-request hooks (on-request / on-response) are planned; until they
-                // exist, a per-connection chain on an HTTP listener would mean something
-                // a user does not expect (one decision for many requests).
-                if !l.plugins.is_empty() {
-                    report(
-                        &label,
-                        Some("plugins"),
-                        "plugins on \"http\" listeners are not available in this version (per-request hooks are planned)".into(),
-                    );
-                }
                 if l.request_timeout.is_some_and(|d| d.is_zero()) {
                     report(&label, Some("request_timeout"), "must be more than 0s".into());
                 }
@@ -917,6 +914,13 @@ impl Checker<'_> {
                     &label,
                     Some("http.retry.min_retries_per_second"),
                     "must be between 0 and 10000".into(),
+                );
+            }
+            if h.retry.buffer_body > 16 << 20 {
+                report(
+                    &label,
+                    Some("http.retry.buffer_body"),
+                    "must be at most 16MiB (each buffered body is held in memory for its tries)".into(),
                 );
             }
             if let Some(host) = &h.host

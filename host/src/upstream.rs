@@ -78,7 +78,9 @@ pub struct Upstream {
     pub tls: Option<TlsClient>,
     metrics: Arc<Metrics>,
     /// Pooled HTTP connections, made when an `http` listener first needs them.
-    http_pool: OnceLock<crate::http::pool::Pool>,
+    http_pool: OnceLock<Arc<crate::http::pool::Pool>>,
+    /// Pools of the endpoints with one tag, for requests a plugin routed by tag.
+    http_tag_pools: std::sync::Mutex<std::collections::HashMap<String, Arc<crate::http::pool::Pool>>>,
 }
 
 /// Every connect attempt for one client connection failed.
@@ -141,6 +143,7 @@ impl Upstream {
             tls,
             metrics,
             http_pool: OnceLock::new(),
+            http_tag_pools: Default::default(),
         })
     }
 
@@ -149,9 +152,28 @@ impl Upstream {
         &self.metrics
     }
 
-    /// The HTTP connection pool of this upstream, made on first use.
-    pub fn http_pool(self: &Arc<Self>) -> &crate::http::pool::Pool {
-        self.http_pool.get_or_init(|| crate::http::pool::Pool::new(self))
+    /// The HTTP connection pool of this upstream, made on first use; with `tag`, the
+    /// pool of the endpoints carrying that tag (its own connections, so that a request
+    /// routed to a tag never reuses a connection to another endpoint).
+    pub fn http_pool(self: &Arc<Self>, tag: Option<&str>) -> Arc<crate::http::pool::Pool> {
+        let Some(tag) = tag else {
+            return self
+                .http_pool
+                .get_or_init(|| Arc::new(crate::http::pool::Pool::new(self, None)))
+                .clone();
+        };
+        let mut pools = self.http_tag_pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools
+            .entry(tag.to_string())
+            .or_insert_with(|| Arc::new(crate::http::pool::Pool::new(self, Some(tag.to_string()))))
+            .clone()
+    }
+
+    /// Whether any endpoint carries `tag`.
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.endpoints
+            .iter()
+            .any(|e| e.config.tags.iter().any(|t| t == tag))
     }
 
     /// Picks the next endpoint: the best priority that has an available endpoint not

@@ -4,7 +4,7 @@
 //! calls at fixed points in the life of every connection of the listeners that list it.
 //! With this crate a plugin is one type that implements [`Plugin`] and one
 //! [`export_plugin!`] line; the WIT interface underneath (`wit/plugin.wit` in this crate,
-//! package `wasmbassador:plugin@0.1.1`) stays out of sight.
+//! package `wasmbassador:plugin@0.1.2`) stays out of sight.
 //!
 //! # Hooks, in the order they run
 //!
@@ -16,13 +16,19 @@
 //! |---|---|---|---|---|
 //! | [`init`](Plugin::init) | once per instance, before anything else, with the plugin's `config` table | check and keep its [`Config`]; declare [`metrics`]; read [granted files](read_granted_file) | `Ok(())` | `Err`, a panic or a timeout refuses the plugin: a startup error at `run`, and during a hot swap the previous version keeps serving |
 //! | [`on_connect`](Plugin::on_connect) | for each new connection, in the listener's `plugins` order, after the PostgreSQL startup message was read and before any upstream is contacted | return [`Verdict::Allow`], [`Verdict::deny`] or a route ([`Verdict::route_upstream`], [`Verdict::route_tag`]); log; count | [`Verdict::Allow`] (no objection) | a panic, a timeout or a memory overrun is answered by the plugin's `on_error` policy: `deny` refuses the connection, `allow` lets the chain go on |
-//! | *the connection* | bytes flow between client and upstream; plugins are not called | | | |
+//! | *the connection* | bytes flow between client and upstream; on `tcp` and `postgres` listeners plugins are not called | | | |
+//! | [`on_request`](Plugin::on_request) | `http` listeners: for each request, in `plugins` order, once its head arrived and before any upstream is contacted | read method, path, [`Headers`](http::Headers); return [`Action::forward`](http::Action::forward) with header edits, a route or a retryable mark, or [`Action::respond`](http::Action::respond) with a local answer | forward unchanged | the `on_error` policy: `deny` answers 503 naming the plugin, `allow` forwards unchanged |
+//! | [`on_response`](Plugin::on_response) | `http` listeners: for each response (the upstream's, a plugin's or the host's 502/503/504), in reverse `plugins` order, before its head goes to the application | observe status, [`Source`](http::Source), duration, attempts; return [`HeaderEdit`](http::HeaderEdit)s | no edits | counted and logged; the response goes on unchanged |
 //! | [`on_close`](Plugin::on_close) | once per connection whose `on_connect` ran here, after both sides closed, off the byte path | log; count; observe durations | nothing | counted and logged; there is nothing to answer |
 //!
 //! Chain rules (from the host): the first `deny` ends the chain and refuses the
 //! connection (a PostgreSQL client receives an ErrorResponse, SQLSTATE 28000, with the
 //! reason); a route is recorded and the chain goes on, a later route replacing an earlier
-//! one. PostgreSQL CancelRequests skip the chain.
+//! one. PostgreSQL CancelRequests skip the chain. On `http` listeners the chain runs per
+//! request instead (`on_connect` and `on_close` are not called there): each plugin sees
+//! the header edits of those before it, the first local answer ends the chain, the last
+//! route wins, and `on_response` runs for every plugin the request reached. Fields the
+//! host manages (`host`, `content-length`, hop-by-hop fields) cannot be edited.
 //!
 //! Every call runs under the plugin's deadline (`timeout`, default 10 ms) and memory cap
 //! (`memory`, default 16 MiB). After a panic or a timeout the host throws the instance
@@ -123,6 +129,7 @@ extern crate self as wasmbassador_sdk;
 mod config;
 mod connection;
 mod files;
+pub mod http;
 pub mod log;
 pub mod metrics;
 mod plugin;
@@ -140,6 +147,7 @@ pub use verdict::{Route, Verdict};
 /// Everything a plugin usually needs, for `use wasmbassador_sdk::prelude::*;`.
 pub mod prelude {
     pub use crate::export_plugin;
+    pub use crate::http::{Action, HeaderEdit, Request, Response};
     pub use crate::log;
     pub use crate::metrics::{Counter, Histogram};
     pub use crate::{Closed, Config, Connection, Outcome, Plugin, Protocol, Route, Verdict};
@@ -179,6 +187,18 @@ macro_rules! export_plugin {
                 }
             }
 
+            impl $crate::__private::HttpGuest for Exports {
+                fn on_request(info: $crate::__private::RequestInfo) -> $crate::__private::RequestAction {
+                    $crate::__private::on_request(info)
+                }
+
+                fn on_response(
+                    info: $crate::__private::ResponseInfo,
+                ) -> ::std::vec::Vec<$crate::__private::WitHeaderEdit> {
+                    $crate::__private::on_response(info)
+                }
+            }
+
     $crate::__private::export_hooks!(Exports with_types_in $crate::__private::bindings);
         };
     };
@@ -187,15 +207,19 @@ macro_rules! export_plugin {
 /// Not public API: the generated bindings and the glue [`export_plugin!`] expands to.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::runtime::{init, on_close, on_connect};
+    pub use crate::runtime::{init, on_close, on_connect, on_request, on_response};
     pub use bindings::exports::wasmbassador::plugin::hooks::Guest;
+    pub use bindings::exports::wasmbassador::plugin::http_hooks::Guest as HttpGuest;
+    pub use bindings::wasmbassador::plugin::http_types::{
+        HeaderEdit as WitHeaderEdit, RequestAction, RequestInfo, ResponseInfo,
+    };
     pub use bindings::wasmbassador::plugin::types::{CloseInfo, ConnectInfo, Verdict as WitVerdict};
 
     #[allow(missing_docs, unsafe_code, clippy::all)]
     pub mod bindings {
         wit_bindgen::generate!({
             path: "wit",
-            world: "plugin",
+            world: "http-plugin",
             // Imports take borrowed arguments (`&str`, `&[&str]`), so host calls need no
             // copies on the guest side.
             ownership: Borrowing { duplicate_if_necessary: false },

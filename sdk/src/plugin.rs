@@ -1,5 +1,6 @@
 //! The [`Plugin`] trait: the hooks a plugin implements.
 
+use crate::http::{Action, HeaderEdit, Request, Response};
 use crate::{Closed, Config, Connection, Verdict};
 
 /// A wasmbassador plugin. Every method has a default that does nothing in the way, so a
@@ -8,7 +9,8 @@ use crate::{Closed, Config, Connection, Verdict};
 ///
 /// The hooks run in this order for one instance: [`init`](Plugin::init) once, then for
 /// each connection [`on_connect`](Plugin::on_connect) and, after it closed,
-/// [`on_close`](Plugin::on_close). See the [crate documentation](crate) for the table of
+/// [`on_close`](Plugin::on_close); on `http` listeners, between those two, for each
+/// request [`on_request`](Plugin::on_request) and then [`on_response`](Plugin::on_response). See the [crate documentation](crate) for the table of
 /// hooks and what the host does on errors and timeouts.
 ///
 /// `on_connect` and `on_close` take `&self`: state that changes while serving
@@ -62,5 +64,42 @@ pub trait Plugin: 'static {
     fn on_close(&self, closed: &Closed) {
         let _ = closed;
         crate::runtime::default_hook_ran();
+    }
+
+    /// Runs for each request on an `http` listener that lists this plugin, in the
+    /// listener's `plugins` order, once the request head arrived and before any upstream
+    /// is contacted (not for WebSocket upgrades, which pass through). Return
+    ///
+    /// - [`Action::forward`] to send it on, with header edits
+    ///   ([`set_header`](Action::set_header), [`remove_header`](Action::remove_header)), a
+    ///   [`route`](Action::route) or a [`retryable`](Action::retryable) mark; the chain
+    ///   goes on, and the next plugin sees the edited headers;
+    /// - [`Action::respond`] to answer the application at once (a local 401, say); the
+    ///   chain stops and the upstream is not contacted.
+    ///
+    /// If it panics, runs past the plugin's `timeout` or exceeds its `memory`, the
+    /// plugin's `on_error` policy answers instead: `deny` (the default) gives the
+    /// application a 503, `allow` forwards the request unchanged.
+    ///
+    /// Default: [`Action::forward`] unchanged; the host then stops calling this hook for
+    /// the plugin.
+    fn on_request(&self, request: &Request) -> Action {
+        let _ = request;
+        crate::runtime::default_hook_ran();
+        Action::forward()
+    }
+
+    /// Runs for each response to a request whose [`on_request`](Plugin::on_request) ran
+    /// in this plugin, in reverse chain order, before the response head goes to the
+    /// application: the upstream's answer, a plugin's local one, or the host's 502/503/504
+    /// ([`Response::source`] tells which). Return header edits for the response (none:
+    /// an empty `Vec`); observe status and timings. The body streams afterwards and is not
+    /// seen. A panic or timeout is counted and logged, and the response goes on unchanged.
+    ///
+    /// Default: no edits, and the host then stops calling this hook for the plugin.
+    fn on_response(&self, response: &Response) -> Vec<HeaderEdit> {
+        let _ = response;
+        crate::runtime::default_hook_ran();
+        Vec::new()
     }
 }

@@ -4,7 +4,9 @@
 use std::cell::{Cell, RefCell};
 
 use crate::__private::bindings::wasmbassador::plugin::host;
+use crate::__private::bindings::wasmbassador::plugin::http_types as wit_http;
 use crate::__private::bindings::wasmbassador::plugin::types as wit;
+use crate::http::{Request, Response};
 use crate::log::{self, Level};
 use crate::{Closed, Config, Connection, Plugin};
 
@@ -16,7 +18,7 @@ thread_local! {
     // Set by the default body of a hook; the glue then tells the host that the hook
     // is unused, once per hook and instance.
     static DEFAULT_RAN: Cell<bool> = const { Cell::new(false) };
-    static REPORTED: Cell<[bool; 2]> = const { Cell::new([false; 2]) };
+    static REPORTED: Cell<[bool; 4]> = const { Cell::new([false; 4]) };
 }
 
 /// Called from the default bodies of [`Plugin::on_connect`] and [`Plugin::on_close`]:
@@ -27,18 +29,33 @@ pub(crate) fn default_hook_ran() {
 
 /// Runs `hook` and, if it turned out to be a default body, tells the host (once) that
 /// the plugin leaves it unused, so the host can stop calling it.
-fn watching_default<R>(which: host::Hook, index: usize, hook: impl FnOnce() -> R) -> R {
+fn watching_default<R>(which: Unused, hook: impl FnOnce() -> R) -> R {
     DEFAULT_RAN.set(false);
     let result = hook();
     if DEFAULT_RAN.replace(false) {
+        let index = which as usize;
         let mut reported = REPORTED.get();
         if !reported[index] {
             reported[index] = true;
             REPORTED.set(reported);
-            host::hook_unused(which);
+            match which {
+                Unused::Connect => host::hook_unused(host::Hook::OnConnect),
+                Unused::Close => host::hook_unused(host::Hook::OnClose),
+                Unused::Request => host::http_hook_unused(host::HttpHook::OnRequest),
+                Unused::Response => host::http_hook_unused(host::HttpHook::OnResponse),
+            }
         }
     }
     result
+}
+
+/// The hooks with a default body, in the order of `REPORTED`.
+#[derive(Clone, Copy)]
+enum Unused {
+    Connect = 0,
+    Close = 1,
+    Request = 2,
+    Response = 3,
 }
 
 /// `init`: builds a fresh plugin value and lets it read its config. Only a value whose
@@ -56,7 +73,7 @@ pub fn init<P: Plugin>(config: String, make: impl FnOnce() -> P) -> Result<(), S
 pub fn on_connect(info: wit::ConnectInfo) -> wit::Verdict {
     let connection = Connection::from(info);
     PLUGIN.with_borrow(|plugin| match plugin {
-        Some(plugin) => watching_default(host::Hook::OnConnect, 0, || plugin.on_connect(&connection)).into(),
+        Some(plugin) => watching_default(Unused::Connect, || plugin.on_connect(&connection)).into(),
         // Serving a connection with an unconfigured plugin could let through what its
         // config forbids; a trap makes the host apply the `on_error` policy instead.
         None => panic!("on-connect called before a successful init"),
@@ -67,8 +84,29 @@ pub fn on_connect(info: wit::ConnectInfo) -> wit::Verdict {
 pub fn on_close(info: wit::CloseInfo) {
     let closed = Closed::from(info);
     PLUGIN.with_borrow(|plugin| match plugin {
-        Some(plugin) => watching_default(host::Hook::OnClose, 1, || plugin.on_close(&closed)),
+        Some(plugin) => watching_default(Unused::Close, || plugin.on_close(&closed)),
         None => panic!("on-close called before a successful init"),
+    })
+}
+
+/// `on-request`.
+pub fn on_request(info: wit_http::RequestInfo) -> wit_http::RequestAction {
+    let request = Request::from(info);
+    PLUGIN.with_borrow(|plugin| match plugin {
+        Some(plugin) => watching_default(Unused::Request, || plugin.on_request(&request)).into(),
+        None => panic!("on-request called before a successful init"),
+    })
+}
+
+/// `on-response`.
+pub fn on_response(info: wit_http::ResponseInfo) -> Vec<wit_http::HeaderEdit> {
+    let response = Response::from(info);
+    PLUGIN.with_borrow(|plugin| match plugin {
+        Some(plugin) => watching_default(Unused::Response, || plugin.on_response(&response))
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+        None => panic!("on-response called before a successful init"),
     })
 }
 

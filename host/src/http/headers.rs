@@ -53,6 +53,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     }
 }
 
+/// Whether `name` is a hop-by-hop field by itself (not counting those a `Connection`
+/// field names), `Proxy-*` included.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str()) || name.as_str().starts_with("proxy-")
+}
+
 /// Whether an HTTP/1.1 request asks to switch protocols (`Connection: upgrade` and an
 /// `Upgrade` field), as a WebSocket handshake does.
 pub fn wants_upgrade<B>(req: &http::Request<B>) -> bool {

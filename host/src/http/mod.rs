@@ -14,6 +14,7 @@
 //! rather than in front of a server.
 
 pub mod headers;
+mod hooks;
 pub mod pool;
 pub mod retry;
 
@@ -70,7 +71,7 @@ pub async fn serve(
     let hard_stop = shared.hard_stop.clone();
     let idle = st.config.idle_timeout;
     let listener = st.config.name.clone();
-    let ctx = Arc::new(Ctx { shared, st });
+    let ctx = Arc::new(Ctx { shared, st, peer });
     let for_counters = ctx.clone();
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
@@ -151,11 +152,45 @@ async fn sleep_until(deadline: Option<Instant>) {
 struct Ctx {
     shared: Arc<Shared>,
     st: Arc<ListenerState>,
+    peer: SocketAddr,
+}
+
+/// Where a request goes, after the plugins.
+struct Plan<'a> {
+    /// The upstream's name.
+    upstream: &'a str,
+    /// Only its endpoints with this tag.
+    tag: Option<&'a str>,
+    /// A plugin marked the request retryable.
+    retryable: bool,
+    /// The plugin that chose the target, for error texts.
+    routed_by: Option<&'a str>,
+}
+
+/// What happened to a request on its way upstream (for `on-response`).
+#[derive(Debug, Default)]
+struct Trace {
+    /// The endpoint that answered.
+    endpoint: Option<Arc<crate::upstream::Endpoint>>,
+    /// Tries sent.
+    attempts: u32,
+    /// The response is the upstream's (not a local one).
+    from_upstream: bool,
 }
 
 impl Ctx {
     async fn proxy(&self, req: Request<Incoming>) -> Response<Body> {
-        let resp = self.forward(req).await;
+        let resp = if self.st.config.plugins.is_empty() {
+            let plan = Plan {
+                upstream: &self.st.config.upstream,
+                tag: None,
+                retryable: false,
+                routed_by: None,
+            };
+            self.forward(req, &plan, &mut Trace::default()).await
+        } else {
+            self.with_plugins(req).await
+        };
         self.shared
             .metrics
             .http_requests
@@ -167,8 +202,8 @@ impl Ctx {
         resp
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
-        let name = &self.st.config.upstream;
+    async fn forward(&self, req: Request<Incoming>, plan: &Plan<'_>, trace: &mut Trace) -> Response<Body> {
+        let name = plan.upstream;
         if req.method() == http::Method::CONNECT {
             // A tunnel would bypass everything this listener is for; the upstream is
             // fixed by configuration anyway.
@@ -177,16 +212,34 @@ impl Ctx {
                 "wasmbassador: CONNECT is not supported on http listeners\n".into(),
             );
         }
+        let by = |p: Option<&str>| {
+            p.map(|p| format!(" (chosen by plugin {p:?})"))
+                .unwrap_or_default()
+        };
         let Some(up) = self.shared.upstream(name) else {
+            tracing::warn!(listener = %self.st.config.name, upstream = %name, plugin = ?plan.routed_by, "request for an upstream that is not configured");
             return local(
                 StatusCode::BAD_GATEWAY,
-                format!("wasmbassador: no upstream named {name:?}\n"),
+                format!("wasmbassador: no upstream named {name:?}{}\n", by(plan.routed_by)),
             );
         };
+        if let Some(tag) = plan.tag
+            && !up.has_tag(tag)
+        {
+            tracing::warn!(listener = %self.st.config.name, upstream = %name, %tag, plugin = ?plan.routed_by, "request for a tag no endpoint carries");
+            return local(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "wasmbassador: no endpoint of upstream {name:?} has tag {tag:?}{}\n",
+                    by(plan.routed_by)
+                ),
+            );
+        }
         if headers::wants_upgrade(&req) {
             return self.upgrade(&up, req).await;
         }
-        let pool = up.http_pool();
+        let pool = up.http_pool(plan.tag);
+        let pool = &*pool;
         let authority = match &pool.authority {
             Ok(a) => a.clone(),
             Err(e) => {
@@ -221,16 +274,46 @@ impl Ctx {
         // The pool picks HTTP/1.1 or HTTP/2 per connection; a request marked HTTP/2
         // would be refused by an HTTP/1.1 connection.
         parts.version = Version::HTTP_11;
-        let retryable = retry::retryable(&parts.method, hyper::body::Body::is_end_stream(&body));
-        pool.budget.deposit();
-        let attempts = if retryable { pool.retry.attempts.max(1) } else { 1 };
         let timeout = self.st.config.request_timeout();
         let deadline = Instant::now() + timeout;
-        // Without retries the app's body streams; with them there is no body to keep.
+        let empty = hyper::body::Body::is_end_stream(&body);
+        let mut retryable = retry::retryable(&parts.method, empty) || (plan.retryable && empty);
+        // A body is kept for more tries only when a plugin asked for them and its size,
+        // known in advance, is within `buffer_body`.
+        let mut kept = Bytes::new();
         let mut streamed = Some(body);
+        if plan.retryable
+            && !empty
+            && let Some(len) = streamed
+                .as_ref()
+                .and_then(|b| hyper::body::Body::size_hint(b).exact())
+            && len <= pool.retry.buffer_body
+            && let Some(body) = streamed.take()
+        {
+            use http_body_util::BodyExt;
+            kept = match tokio::time::timeout_at(deadline.into(), body.collect()).await {
+                Ok(Ok(c)) => c.to_bytes(),
+                Ok(Err(e)) => {
+                    return local(
+                        StatusCode::BAD_REQUEST,
+                        format!("wasmbassador: cannot read the request body: {e}\n"),
+                    );
+                }
+                Err(_) => {
+                    return local(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "wasmbassador: the request body did not arrive within request_timeout\n".into(),
+                    );
+                }
+            };
+            retryable = true;
+        }
+        pool.budget.deposit();
+        let attempts = if retryable { pool.retry.attempts.max(1) } else { 1 };
         let mut try_no = 0;
         loop {
             try_no += 1;
+            trace.attempts = try_no;
             let last_try = try_no >= attempts;
             let mut outbound = if retryable {
                 let mut b = Request::builder()
@@ -240,7 +323,7 @@ impl Ctx {
                 if let Some(h) = b.headers_mut() {
                     *h = parts.headers.clone();
                 }
-                match b.body(Either::Right(http_body_util::Empty::new())) {
+                match b.body(Either::Right(Full::new(kept.clone()))) {
                     Ok(r) => r,
                     Err(e) => {
                         return local(
@@ -284,7 +367,7 @@ impl Ctx {
                 Ok(Ok(resp)) if !last_try && retry::retry_status(resp.status()) => {
                     tracing::debug!(listener = %self.st.config.name, upstream = %name, status = %resp.status(), "upstream answered with a retryable status");
                     if !self.may_retry(pool, "status") {
-                        return self.respond(pool, resp, &captured, sent, received);
+                        return self.respond(pool, resp, &captured, sent, received, trace);
                     }
                     // Dropping it unread gives up that connection; the next try may
                     // use another.
@@ -298,7 +381,7 @@ impl Ctx {
                     .await;
                     continue;
                 }
-                Ok(Ok(resp)) => return self.respond(pool, resp, &captured, sent, received),
+                Ok(Ok(resp)) => return self.respond(pool, resp, &captured, sent, received, trace),
             };
             if !self.may_retry(pool, reason) {
                 let status = if reason == "timeout" {
@@ -429,8 +512,11 @@ impl Ctx {
         captured: &hyper_util::client::legacy::connect::CaptureConnection,
         sent: Instant,
         received: Version,
+        trace: &mut Trace,
     ) -> Response<Body> {
+        trace.from_upstream = true;
         if let Some(info) = resp.extensions().get::<ConnInfo>() {
+            trace.endpoint = Some(info.endpoint.clone());
             self.shared
                 .metrics
                 .http_upstream_duration

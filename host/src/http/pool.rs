@@ -34,9 +34,9 @@ use crate::connect::{Handshake, UpstreamIo};
 use crate::metrics::HttpConnectionLabels;
 use crate::upstream::{ConnectError, Endpoint, Upstream};
 
-/// A request body as sent upstream: the app's, streamed, or empty for a request
-/// that may be retried (so that every try can send it again).
-pub type OutBody = http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>>;
+/// A request body as sent upstream: the app's, streamed, or for a request that may be
+/// retried, empty or buffered (so that every try can send it again).
+pub type OutBody = http_body_util::Either<Incoming, http_body_util::Full<bytes::Bytes>>;
 
 /// The connection pool of one upstream, built on first use by an `http` listener.
 #[derive(Debug)]
@@ -57,7 +57,7 @@ pub struct Pool {
 impl Pool {
     /// A pool for `upstream`. The connector holds the upstream weakly: the upstream
     /// owns its pool, and a reload that replaces the upstream drops both.
-    pub fn new(upstream: &Arc<Upstream>) -> Pool {
+    pub fn new(upstream: &Arc<Upstream>, tag: Option<String>) -> Pool {
         let cfg = &upstream.config.http;
         let mut builder = Client::builder(TokioExecutor::new());
         builder
@@ -71,6 +71,7 @@ impl Pool {
         let client = builder.build(Connector {
             upstream: Arc::downgrade(upstream),
             version: cfg.version,
+            tag,
         });
         Pool {
             client,
@@ -108,6 +109,8 @@ pub enum PoolConnectError {
 pub struct Connector {
     upstream: Weak<Upstream>,
     version: HttpVersion,
+    /// Only endpoints with this tag (a plugin's route).
+    tag: Option<String>,
 }
 
 /// What a response learns about the connection that carried it (set by the pool as a
@@ -142,9 +145,10 @@ impl tower_service::Service<http::Uri> for Connector {
         // connection, by the same code that serves `tcp` and `postgres` listeners.
         let upstream = self.upstream.clone();
         let version = self.version;
+        let tag = self.tag.clone();
         Box::pin(async move {
             let up = upstream.upgrade().ok_or(PoolConnectError::Removed)?;
-            let c = up.connect(Handshake::Http(version), None, None).await?;
+            let c = up.connect(Handshake::Http(version), tag.as_deref(), None).await?;
             let h2 = c.io.alpn_h2() || version == HttpVersion::Http2;
             up.metrics()
                 .http_connections_opened

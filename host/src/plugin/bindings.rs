@@ -1,12 +1,18 @@
-//! Host-side bindings generated from the WIT world in `sdk/wit/` — the one
-//! extension point shared with the SDK.
+//! Host-side bindings generated from the WIT package in `sdk/wit/` — the one
+//! extension point shared with the SDK. The `http-plugin` world includes `plugin`, so
+//! these bindings cover both; the exports are looked up per interface, since a
+//! `plugin` component has no `http-hooks`.
 #![allow(missing_docs)]
 
 wasmtime::component::bindgen!({
     path: "../sdk/wit",
-    world: "plugin",
+    world: "http-plugin",
 });
 
+pub use self::exports::wasmbassador::plugin::{hooks, http_hooks};
+pub use self::wasmbassador::plugin::http_types::{
+    Forward, Header, HeaderEdit, LocalResponse, RequestAction, RequestInfo, ResponseInfo, ResponseSource,
+};
 pub use self::wasmbassador::plugin::types::{
     CloseInfo, ConnectInfo, Level, Outcome, PostgresStartup, Protocol, RouteTarget, Verdict,
 };

@@ -15,7 +15,7 @@ use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::histogram::Histogram;
 
 use super::bindings::Level;
-use super::bindings::wasmbassador::plugin::{host, types};
+use super::bindings::wasmbassador::plugin::{host, http_types, types};
 
 /// Log lines a plugin may write per second before lines are dropped (and counted).
 const LOG_LINES_PER_SECOND: u32 = 200;
@@ -47,15 +47,20 @@ pub struct PluginContext {
     /// Plugin-defined metrics of the whole process.
     pub metrics: Arc<PluginMetrics>,
     log_window: Mutex<(Instant, u32, u64)>,
-    /// Hooks this version declared it leaves at their default (`hook-unused`), by
-    /// [`HOOK_ON_CONNECT`] and [`HOOK_ON_CLOSE`]: the host skips calling them.
-    pub unused: [AtomicBool; 2],
+    /// Hooks this version declared it leaves at their default (`hook-unused`,
+    /// `http-hook-unused`), by [`HOOK_ON_CONNECT`] and the other indices: the host skips
+    /// calling them.
+    pub unused: [AtomicBool; 4],
 }
 
 /// Index of `on-connect` in [`PluginContext::unused`].
 pub const HOOK_ON_CONNECT: usize = 0;
 /// Index of `on-close` in [`PluginContext::unused`].
 pub const HOOK_ON_CLOSE: usize = 1;
+/// Index of `on-request` in [`PluginContext::unused`].
+pub const HOOK_ON_REQUEST: usize = 2;
+/// Index of `on-response` in [`PluginContext::unused`].
+pub const HOOK_ON_RESPONSE: usize = 3;
 
 impl PluginContext {
     /// A context for one loaded version.
@@ -73,7 +78,7 @@ impl PluginContext {
             memory,
             metrics,
             log_window: Mutex::new((Instant::now(), 0, 0)),
-            unused: [AtomicBool::new(false), AtomicBool::new(false)],
+            unused: Default::default(),
         }
     }
 }
@@ -144,6 +149,17 @@ fn epoch() -> Instant {
 }
 
 impl types::Host for HostState {}
+
+impl http_types::Host for HostState {}
+
+impl HostState {
+    fn mark_unused(&self, index: usize) {
+        // Every instance of the version says the same; the first one decides.
+        if !self.ctx.unused[index].swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::debug!(plugin = %self.ctx.name, generation = self.ctx.generation, hook = index, "plugin leaves this hook at its default; no longer called");
+        }
+    }
+}
 
 impl host::Host for HostState {
     fn log(&mut self, level: Level, message: String) {
@@ -229,10 +245,15 @@ impl host::Host for HostState {
             host::Hook::OnConnect => HOOK_ON_CONNECT,
             host::Hook::OnClose => HOOK_ON_CLOSE,
         };
-        // Every instance of the version says the same; the first one decides.
-        if !self.ctx.unused[index].swap(true, std::sync::atomic::Ordering::Relaxed) {
-            tracing::debug!(plugin = %self.ctx.name, generation = self.ctx.generation, ?hook, "plugin leaves this hook at its default; no longer called");
-        }
+        self.mark_unused(index);
+    }
+
+    fn http_hook_unused(&mut self, hook: host::HttpHook) {
+        let index = match hook {
+            host::HttpHook::OnRequest => HOOK_ON_REQUEST,
+            host::HttpHook::OnResponse => HOOK_ON_RESPONSE,
+        };
+        self.mark_unused(index);
     }
 
     fn now_ns(&mut self) -> u64 {

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, Linker, Val};
+use wasmtime::component::{Component, InstancePre, Linker, Val};
 
-use super::bindings::{Plugin, PluginPre};
+use super::bindings::{HttpPlugin, hooks, http_hooks};
 use super::host::{HostState, PluginContext, PluginMetrics};
 use crate::config::PluginConfig;
 
@@ -94,7 +94,12 @@ pub struct Compiled {
     /// Hex SHA-256 of the file.
     pub sha256: String,
     /// Pre-linked instance template.
-    pub pre: PluginPre<HostState>,
+    pub pre: InstancePre<HostState>,
+    /// Where the `hooks` exports are.
+    pub hooks: hooks::GuestIndices,
+    /// Where the `http-hooks` exports are, if the component has them (an
+    /// `http-plugin`, which every plugin built with SDK 0.1.2 or later is).
+    pub http_hooks: Option<http_hooks::GuestIndices>,
     /// Shared per-version context.
     pub ctx: Arc<PluginContext>,
 }
@@ -155,8 +160,14 @@ pub fn compile(
         path: path.clone(),
         reason: format!("{e:#}"),
     };
-    let instance_pre = linker.instantiate_pre(&component).map_err(world_err)?;
-    let pre = PluginPre::new(instance_pre).map_err(world_err)?;
+    let pre = linker.instantiate_pre(&component).map_err(world_err)?;
+    let hooks = hooks::GuestIndices::new(&pre).map_err(world_err)?;
+    // Absent in a `plugin` component; present but mistyped is refused like a wrong world.
+    let http_hooks = if exports_http_hooks(engine, &component) {
+        Some(http_hooks::GuestIndices::new(&pre).map_err(world_err)?)
+    } else {
+        None
+    };
     let ctx = Arc::new(PluginContext::new(
         &config.name,
         generation,
@@ -164,7 +175,20 @@ pub fn compile(
         config.memory,
         metrics,
     ));
-    Ok(Compiled { sha256, pre, ctx })
+    Ok(Compiled {
+        sha256,
+        pre,
+        hooks,
+        http_hooks,
+        ctx,
+    })
+}
+
+fn exports_http_hooks(engine: &wasmtime::Engine, component: &Component) -> bool {
+    component
+        .component_type()
+        .exports(engine)
+        .any(|(name, _)| name.starts_with("wasmbassador:plugin/http-hooks@"))
 }
 
 fn first_line(e: &wasmtime::Error) -> String {
@@ -179,7 +203,7 @@ fn first_line(e: &wasmtime::Error) -> String {
 fn linker(engine: &wasmtime::Engine, component: &Component) -> wasmtime::Result<Linker<HostState>> {
     newer_interface(engine, component)?;
     let mut linker = Linker::new(engine);
-    Plugin::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)?;
+    HttpPlugin::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)?;
     let ty = component.component_type();
     for (import, _) in ty.imports(engine) {
         let empty_list = |_: wasmtime::StoreContextMut<'_, HostState>,
@@ -210,7 +234,7 @@ fn linker(engine: &wasmtime::Engine, component: &Component) -> wasmtime::Result<
 
 /// The version of the `wasmbassador:plugin` package this host implements (the WIT file
 /// in `sdk/wit/`).
-pub const WIT_VERSION: (u64, u64, u64) = (0, 1, 1);
+pub const WIT_VERSION: (u64, u64, u64) = (0, 1, 2);
 
 /// Refuses a component built against a newer version of our package than this host
 /// implements. wasmtime links such an import to the older interface of the same track,

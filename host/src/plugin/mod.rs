@@ -23,10 +23,14 @@ use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
+use wasmtime::component::InstancePre;
 use wasmtime::{Store, UpdateDeadline};
 
-pub use bindings::{CloseInfo, ConnectInfo, Outcome, PostgresStartup, Protocol, RouteTarget, Verdict};
-use bindings::{Plugin, PluginPre};
+pub use bindings::{
+    CloseInfo, ConnectInfo, Forward, Header, HeaderEdit, LocalResponse, Outcome, PostgresStartup, Protocol,
+    RequestAction, RequestInfo, ResponseInfo, ResponseSource, RouteTarget, Verdict,
+};
+use bindings::{hooks, http_hooks};
 use host::{HostState, PluginContext, PluginMetrics};
 pub use load::LoadError;
 
@@ -55,7 +59,8 @@ pub enum HookError {
 }
 
 impl HookError {
-    fn kind(&self) -> &'static str {
+    /// A short word for the kind of failure (`trap`, `timeout`, `memory`, `setup`).
+    pub fn kind(&self) -> &'static str {
         match self {
             HookError::Trap(_) => "trap",
             HookError::Timeout(_) => "timeout",
@@ -67,7 +72,14 @@ impl HookError {
 
 struct Warm {
     store: Store<HostState>,
-    plugin: Plugin,
+    guests: Guests,
+}
+
+/// The exports of one instance.
+struct Guests {
+    hooks: hooks::Guest,
+    /// Absent for a component of the `plugin` world.
+    http: Option<http_hooks::Guest>,
 }
 
 /// The call counter and latency histogram of one hook of one plugin, looked up once
@@ -118,7 +130,9 @@ pub struct Loaded {
     pub generation: u64,
     /// When it was swapped in.
     pub loaded_at: SystemTime,
-    pre: PluginPre<HostState>,
+    pre: InstancePre<HostState>,
+    hooks: hooks::GuestIndices,
+    http_hooks: Option<http_hooks::GuestIndices>,
     ctx: Arc<PluginContext>,
     config_json: String,
     idle: Mutex<Vec<Warm>>,
@@ -126,6 +140,8 @@ pub struct Loaded {
     metrics: Arc<Metrics>,
     on_connect_metrics: HookMetrics,
     on_close_metrics: HookMetrics,
+    on_request_metrics: HookMetrics,
+    on_response_metrics: HookMetrics,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -174,15 +190,23 @@ impl Loaded {
         });
         store.data_mut().ticks_left = self.deadline_ticks();
         store.set_epoch_deadline(1);
-        let plugin = self
+        let instance = self
             .pre
             .instantiate(&mut store)
             .map_err(|e| self.classify(&store, e, "instantiate"))?;
-        match plugin
-            .wasmbassador_plugin_hooks()
-            .call_init(&mut store, &self.config_json)
-        {
-            Ok(Ok(())) => Ok(Warm { store, plugin }),
+        let guests = self
+            .hooks
+            .load(&mut store, &instance)
+            .and_then(|hooks| {
+                let http = match &self.http_hooks {
+                    Some(h) => Some(h.load(&mut store, &instance)?),
+                    None => None,
+                };
+                Ok(Guests { hooks, http })
+            })
+            .map_err(|e| HookError::Setup(format!("{e:#}")))?;
+        match guests.hooks.call_init(&mut store, &self.config_json) {
+            Ok(Ok(())) => Ok(Warm { store, guests }),
             Ok(Err(reason)) => Err(HookError::Setup(format!("init returned an error: {reason}"))),
             Err(e) => Err(self.classify(&store, e, "init")),
         }
@@ -209,7 +233,7 @@ impl Loaded {
         &self,
         hook: &'static str,
         metrics: &HookMetrics,
-        f: impl FnOnce(&mut Store<HostState>, &Plugin) -> wasmtime::Result<R>,
+        f: impl FnOnce(&mut Store<HostState>, &Guests) -> wasmtime::Result<R>,
     ) -> Result<R, HookError> {
         let started = Instant::now();
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
@@ -222,7 +246,7 @@ impl Loaded {
                 w.store.data_mut().last_error_log = None;
                 w.store.data_mut().ticks_left = self.deadline_ticks();
                 w.store.set_epoch_deadline(1);
-                match f(&mut w.store, &w.plugin) {
+                match f(&mut w.store, &w.guests) {
                     Ok(r) => {
                         if let Ok(mut idle) = self.idle.lock()
                             && idle.len() < IDLE_INSTANCES
@@ -262,8 +286,8 @@ impl Loaded {
         if self.ctx.unused[host::HOOK_ON_CONNECT].load(Ordering::Relaxed) {
             return Ok(Verdict::Allow);
         }
-        self.call("on_connect", &self.on_connect_metrics, |store, p| {
-            p.wasmbassador_plugin_hooks().call_on_connect(store, info)
+        self.call("on_connect", &self.on_connect_metrics, |store, g| {
+            g.hooks.call_on_connect(store, info)
         })
     }
 
@@ -272,9 +296,48 @@ impl Loaded {
         if self.ctx.unused[host::HOOK_ON_CLOSE].load(Ordering::Relaxed) {
             return;
         }
-        let _ = self.call("on_close", &self.on_close_metrics, |store, p| {
-            p.wasmbassador_plugin_hooks().call_on_close(store, info)
+        let _ = self.call("on_close", &self.on_close_metrics, |store, g| {
+            g.hooks.call_on_close(store, info)
         });
+    }
+
+    /// Whether `on-request` is worth calling: the component has the http hooks, and
+    /// the plugin did not leave it at its default.
+    pub fn wants_requests(&self) -> bool {
+        self.http_hooks.is_some() && !self.ctx.unused[host::HOOK_ON_REQUEST].load(Ordering::Relaxed)
+    }
+
+    /// `on-request`; `Err` means the call failed and the policy decides. Only for a
+    /// plugin that [`wants_requests`](Loaded::wants_requests).
+    pub fn on_request(&self, info: &RequestInfo) -> Result<RequestAction, HookError> {
+        self.call("on_request", &self.on_request_metrics, |store, g| match &g.http {
+            Some(h) => h.call_on_request(store, info),
+            None => Ok(RequestAction::Forward(Forward {
+                headers: Vec::new(),
+                route: None,
+                retryable: false,
+            })),
+        })
+    }
+
+    /// Whether `on-response` is worth calling (as [`wants_requests`](Loaded::wants_requests)).
+    pub fn wants_responses(&self) -> bool {
+        self.http_hooks.is_some() && !self.ctx.unused[host::HOOK_ON_RESPONSE].load(Ordering::Relaxed)
+    }
+
+    /// `on-response`: the header edits; a failure is counted and logged, and edits
+    /// nothing.
+    pub fn on_response(&self, info: &ResponseInfo) -> Vec<HeaderEdit> {
+        if !self.wants_responses() {
+            return Vec::new();
+        }
+        self.call("on_response", &self.on_response_metrics, |store, g| {
+            match &g.http {
+                Some(h) => h.call_on_response(store, info),
+                None => Ok(Vec::new()),
+            }
+        })
+        .unwrap_or_default()
     }
 }
 
@@ -373,6 +436,8 @@ fn build(
         generation,
         loaded_at: SystemTime::now(),
         pre: compiled.pre,
+        hooks: compiled.hooks,
+        http_hooks: compiled.http_hooks,
         ctx: compiled.ctx,
         config_json,
         idle: Mutex::new(Vec::new()),
@@ -380,6 +445,8 @@ fn build(
         metrics: shared.metrics.clone(),
         on_connect_metrics: HookMetrics::new(&shared.metrics, &config.name, "on_connect"),
         on_close_metrics: HookMetrics::new(&shared.metrics, &config.name, "on_close"),
+        on_request_metrics: HookMetrics::new(&shared.metrics, &config.name, "on_request"),
+        on_response_metrics: HookMetrics::new(&shared.metrics, &config.name, "on_response"),
     };
     // Instantiate and init once now: a plugin that cannot start is refused here,
     // not on the first connection.

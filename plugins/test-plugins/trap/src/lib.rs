@@ -1,7 +1,9 @@
 //! Test plugin: panics — a trap for the host — in `on_connect` (by default), or in the
-//! hook named by the optional config key `at`: `"init"`, `"on_connect"` or `"on_close"`.
+//! hook named by the optional config key `at`: `"init"`, `"on_connect"`, `"on_close"`,
+//! `"on_request"` or `"on_response"`.
 #![forbid(unsafe_code)]
 
+use wasmbassador_sdk::http;
 use wasmbassador_sdk::prelude::*;
 
 #[derive(Default)]
@@ -21,9 +23,9 @@ impl Plugin for Trap {
         self.at = settings.at.unwrap_or_else(|| "on_connect".to_owned());
         match self.at.as_str() {
             "init" => panic!("trap plugin: panicking in init as configured"),
-            "on_connect" | "on_close" => Ok(()),
+            "on_connect" | "on_close" | "on_request" | "on_response" => Ok(()),
             other => Err(format!(
-                "config.at: {other:?} is not init, on_connect or on_close"
+                "config.at: {other:?} is not init, on_connect, on_close, on_request or on_response"
             )),
         }
     }
@@ -39,6 +41,20 @@ impl Plugin for Trap {
         if self.at == "on_close" {
             panic!("trap plugin: panicking in on_close as configured");
         }
+    }
+
+    fn on_request(&self, _: &http::Request) -> http::Action {
+        if self.at == "on_request" {
+            panic!("trap plugin: panicking in on_request as configured");
+        }
+        http::Action::forward()
+    }
+
+    fn on_response(&self, _: &http::Response) -> Vec<http::HeaderEdit> {
+        if self.at == "on_response" {
+            panic!("trap plugin: panicking in on_response as configured");
+        }
+        Vec::new()
     }
 }
 

@@ -1,0 +1,242 @@
+//! The per-request plugin hooks of an `http` listener: `on-request` in the listener's
+//! `plugins` order before the upstream is chosen, `on-response` in reverse order before
+//! the response head goes to the application.
+//!
+//! Header edits are applied to the real header map between plugins, so each plugin
+//! sees the edits of those before it. Edits that would change how the message is
+//! framed or carried (hop-by-hop fields, `host`, `content-length`) are skipped and
+//! logged: the host owns those, and a plugin that set them could desynchronise the
+//! connection for every later request on it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use super::{Body, Ctx, Plan, Trace, local};
+use crate::config::OnError;
+use crate::plugin::{
+    Header, HeaderEdit, Loaded, LocalResponse, RequestAction, RequestInfo, ResponseInfo, ResponseSource,
+    RouteTarget,
+};
+
+/// Fields a plugin may not set or remove.
+fn reserved(name: &HeaderName) -> bool {
+    name == HOST || name == CONTENT_LENGTH || super::headers::is_hop_by_hop(name)
+}
+
+impl Ctx {
+    /// Serves one request through the listener's plugins.
+    pub(super) async fn with_plugins(&self, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let chain: Vec<Arc<Loaded>> = {
+            let map = self.shared.plugins.load();
+            self.st
+                .config
+                .plugins
+                .iter()
+                .filter_map(|n| map.get(n).map(|s| s.current.load_full()))
+                .collect()
+        };
+        let listener_upstream = self.st.config.upstream.as_str();
+        if super::headers::wants_upgrade(&req) {
+            // The hooks see requests and responses; an upgraded connection is neither.
+            let plan = Plan {
+                upstream: listener_upstream,
+                tag: None,
+                retryable: false,
+                routed_by: None,
+            };
+            return self.forward(req, &plan, &mut Trace::default()).await;
+        }
+        let (mut parts, body) = req.into_parts();
+        super::headers::strip_hop_by_hop(&mut parts.headers, true);
+        let authority = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
+            parts
+                .headers
+                .get(HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        });
+        parts.headers.remove(HOST);
+        let mut info = RequestInfo {
+            listener: self.st.config.name.clone(),
+            client_addr: self.peer.to_string(),
+            method: parts.method.as_str().to_string(),
+            path: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+            authority,
+            headers: Vec::new(),
+            upstream: listener_upstream.to_string(),
+        };
+        let mut headers_stale = true;
+        let mut route: Option<(RouteTarget, String)> = None;
+        let mut retryable = false;
+        let mut reached = 0;
+        let mut early: Option<(Response<Body>, ResponseSource)> = None;
+        for p in &chain {
+            reached += 1;
+            if !p.wants_requests() {
+                continue;
+            }
+            if headers_stale {
+                info.headers = to_wit(&parts.headers);
+                headers_stale = false;
+            }
+            let failed = match p.on_request(&info) {
+                Ok(RequestAction::Forward(f)) => {
+                    if !f.headers.is_empty() {
+                        apply(&mut parts.headers, f.headers, p.name(), "request");
+                        headers_stale = true;
+                    }
+                    if let Some(target) = f.route {
+                        if let RouteTarget::Upstream(name) = &target {
+                            info.upstream = name.clone();
+                        }
+                        route = Some((target, p.name().to_string()));
+                    }
+                    retryable |= f.retryable;
+                    continue;
+                }
+                Ok(RequestAction::Respond(r)) => match local_response(r, p.name()) {
+                    Ok(resp) => {
+                        early = Some((resp, ResponseSource::Plugin));
+                        break;
+                    }
+                    Err(why) => why,
+                },
+                Err(e) => format!("plugin {} failed ({})", p.name(), e.kind()),
+            };
+            if p.on_error() == OnError::Deny {
+                tracing::warn!(listener = %self.st.config.name, plugin = %p.name(), "request refused: {failed}");
+                early = Some((
+                    local(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("wasmbassador: {failed}\n"),
+                    ),
+                    ResponseSource::Host,
+                ));
+                break;
+            }
+        }
+        let (upstream, tag, routed_by) = match &route {
+            None => (listener_upstream, None, None),
+            Some((RouteTarget::Upstream(name), by)) => (name.as_str(), None, Some(by.as_str())),
+            Some((RouteTarget::Tag(tag), by)) => (listener_upstream, Some(tag.as_str()), Some(by.as_str())),
+        };
+        let mut trace = Trace::default();
+        let (resp, source) = match early {
+            Some(pair) => pair,
+            None => {
+                let plan = Plan {
+                    upstream,
+                    tag,
+                    retryable,
+                    routed_by,
+                };
+                let resp = self
+                    .forward(Request::from_parts(parts, body), &plan, &mut trace)
+                    .await;
+                let source = if trace.from_upstream {
+                    ResponseSource::Upstream
+                } else {
+                    ResponseSource::Host
+                };
+                (resp, source)
+            }
+        };
+        let ran = &chain[..reached];
+        if !ran.iter().any(|p| p.wants_responses()) {
+            return resp;
+        }
+        let (mut head, body) = resp.into_parts();
+        let mut seen = ResponseInfo {
+            listener: info.listener,
+            method: info.method,
+            path: info.path,
+            upstream: upstream.to_string(),
+            endpoint: trace.endpoint.map(|e| e.config.address.clone()),
+            status: head.status.as_u16(),
+            headers: to_wit(&head.headers),
+            source,
+            duration_ns: started.elapsed().as_nanos() as u64,
+            attempts: trace.attempts,
+        };
+        for p in ran.iter().rev() {
+            let edits = p.on_response(&seen);
+            if !edits.is_empty() {
+                apply(&mut head.headers, edits, p.name(), "response");
+                seen.headers = to_wit(&head.headers);
+            }
+        }
+        Response::from_parts(head, body)
+    }
+}
+
+fn to_wit(headers: &HeaderMap) -> Vec<Header> {
+    headers
+        .iter()
+        .map(|(name, value)| Header {
+            name: name.as_str().to_string(),
+            value: value.as_bytes().to_vec(),
+        })
+        .collect()
+}
+
+/// Applies a plugin's edits in order; an invalid or reserved one is skipped and logged.
+fn apply(headers: &mut HeaderMap, edits: Vec<HeaderEdit>, plugin: &str, side: &str) {
+    for edit in edits {
+        let (name, value) = match &edit {
+            HeaderEdit::Set(h) | HeaderEdit::Append(h) => (&h.name, Some(&h.value)),
+            HeaderEdit::Remove(name) => (name, None),
+        };
+        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+            tracing::warn!(%plugin, side, name = %name.escape_debug(), "plugin header edit skipped: not a valid field name");
+            continue;
+        };
+        if reserved(&name) {
+            tracing::warn!(%plugin, side, %name, "plugin header edit skipped: the host manages this field");
+            continue;
+        }
+        let value = match value.map(|v| HeaderValue::from_bytes(v)) {
+            None => None,
+            Some(Ok(v)) => Some(v),
+            Some(Err(_)) => {
+                tracing::warn!(%plugin, side, %name, "plugin header edit skipped: not a valid field value");
+                continue;
+            }
+        };
+        match (edit, value) {
+            (HeaderEdit::Set(_), Some(v)) => {
+                headers.insert(name, v);
+            }
+            (HeaderEdit::Append(_), Some(v)) => {
+                headers.append(name, v);
+            }
+            _ => {
+                headers.remove(name);
+            }
+        }
+    }
+}
+
+/// A plugin's local answer, or why it cannot be sent (counted as the plugin failing).
+fn local_response(r: LocalResponse, plugin: &str) -> Result<Response<Body>, String> {
+    let status = StatusCode::from_u16(r.status)
+        .ok()
+        .filter(|s| (200..=599).contains(&s.as_u16()))
+        .ok_or_else(|| {
+            format!(
+                "plugin {plugin} answered with status {}, which is not 200 to 599",
+                r.status
+            )
+        })?;
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(r.body))));
+    *resp.status_mut() = status;
+    let edits = r.headers.into_iter().map(HeaderEdit::Append).collect();
+    apply(resp.headers_mut(), edits, plugin, "local response");
+    Ok(resp)
+}
