@@ -55,21 +55,7 @@ struct Upstream {
 
 impl Upstream {
     async fn start(pki: &Pki, name: &'static str, alpn: &[&[u8]]) -> Upstream {
-        let cert = pki.server_cert(&[SERVER_NAME]);
-        let chain = CertificateDer::pem_file_iter(&cert.cert)
-            .expect("server certificate file")
-            .collect::<Result<Vec<_>, _>>()
-            .expect("server certificate");
-        let key = PrivateKeyDer::from_pem_file(&cert.key).expect("server key");
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .expect("server TLS config");
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = tls_acceptor(pki, alpn);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding upstream");
         let addr = listener.local_addr().expect("upstream address");
         let tls_connections = Arc::new(AtomicUsize::new(0));
@@ -148,6 +134,26 @@ impl Upstream {
         self.task.abort();
         let _ = self.task.await;
     }
+}
+
+/// A TLS acceptor with a certificate for [`SERVER_NAME`] from the test CA, offering
+/// `alpn`.
+fn tls_acceptor(pki: &Pki, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
+    let cert = pki.server_cert(&[SERVER_NAME]);
+    let chain = CertificateDer::pem_file_iter(&cert.cert)
+        .expect("server certificate file")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("server certificate");
+    let key = PrivateKeyDer::from_pem_file(&cert.key).expect("server key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server TLS config");
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 async fn serve_http<I>(io: I, h2: bool, name: &'static str, hits: Hits)
@@ -394,6 +400,19 @@ tls = {{ ca = "{ca}", server_name = "{SERVER_NAME}" }}
     for (addr, priority) in endpoints {
         s.push_str(&format!(
             "  [[upstream.endpoint]]\n  address = \"{addr}\"\n  priority = {priority}\n"
+        ));
+    }
+    s
+}
+
+/// An upstream block like [`upstream_block`] whose endpoints (all priority 0) carry a
+/// tag each (none when empty).
+fn tagged_upstream(pki: &Pki, name: &str, endpoints: &[(SocketAddr, &str)]) -> String {
+    let mut s = upstream_block(pki, name, &[], "");
+    for (addr, tag) in endpoints {
+        let tags = if tag.is_empty() { vec![] } else { vec![*tag] };
+        s.push_str(&format!(
+            "  [[upstream.endpoint]]\n  address = \"{addr}\"\n  tags = {tags:?}\n"
         ));
     }
     s
@@ -1402,21 +1421,7 @@ async fn http_plugins_run_in_order_see_earlier_edits_route_answer_locally_and_fa
         listener_block("trap-response", "one", r#"plugins = ["trap-response", "c"]"#),
         upstream_block(&pki, "one", &[(one.addr, 0)], ""),
         upstream_block(&pki, "two", &[(two.addr, 0)], ""),
-        format!(
-            r#"
-[[upstream]]
-name = "pair"
-tls = {{ ca = "{ca}", server_name = "{SERVER_NAME}" }}
-  [[upstream.endpoint]]
-  address = "{one}"
-  [[upstream.endpoint]]
-  address = "{two}"
-  tags = ["canary"]
-"#,
-            ca = pki.ca_pem_path().display(),
-            one = one.addr,
-            two = two.addr,
-        ),
+        tagged_upstream(&pki, "pair", &[(one.addr, ""), (two.addr, "canary")]),
         stamp("a", r#"name = "a""#),
         stamp("b", r#"name = "b", route_upstream = "two""#),
         stamp("c", r#"name = "c""#),
@@ -1582,4 +1587,418 @@ fn header_of(h: &HeaderMap, name: &str) -> String {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string()
+}
+
+// ---------------------------------------------------------------- gRPC
+
+/// A gRPC server (tonic's `grpc.health.v1.Health`: a unary `Check` and a
+/// server-streaming `Watch`) over TLS with ALPN `h2`, as a remote gRPC service runs.
+async fn start_grpc(
+    pki: &Pki,
+) -> (
+    SocketAddr,
+    tonic_health::server::HealthReporter,
+    tokio::task::JoinHandle<()>,
+) {
+    let acceptor = tls_acceptor(pki, &[b"h2"]);
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binding gRPC server");
+    let addr = listener.local_addr().expect("gRPC server address");
+    let (reporter, service) = tonic_health::server::health_reporter();
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        loop {
+            let (tcp, _) = tokio::select! {
+                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            };
+            let acceptor = acceptor.clone();
+            let service = service.clone();
+            conns.spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                // tonic's generated servers are always ready, so `call` needs no
+                // `poll_ready` first.
+                let svc = hyper::service::service_fn(move |req| {
+                    let mut s = service.clone();
+                    tower_service::Service::call(&mut s, req)
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, reporter, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_and_server_streaming_calls_pass_to_an_https_upstream_with_their_trailers() {
+    use tonic_health::ServingStatus;
+    use tonic_health::pb::health_check_response::ServingStatus as Wire;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let pki = Pki::new();
+    let (addr, reporter, server) = start_grpc(&pki).await;
+    reporter
+        .set_service_status("orders.v1.Orders", ServingStatus::Serving)
+        .await;
+    let amb = start(&[
+        listener_block("grpc", "orders", ""),
+        upstream_block(&pki, "orders", &[(addr, 0)], ""),
+    ])
+    .await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", listener(&amb, "grpc")))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("h2c connection to the listener");
+    let mut client = HealthClient::new(channel);
+    let ask = |service: &str| {
+        tonic::Request::new(HealthCheckRequest {
+            service: service.to_string(),
+        })
+    };
+
+    // Unary: the answer, and a gRPC error status, which travels in trailers only.
+    let answer = client
+        .check(ask("orders.v1.Orders"))
+        .await
+        .expect("Check answered")
+        .into_inner();
+    assert_eq!(answer.status(), Wire::Serving);
+    let refused = client
+        .check(ask("no.such.Service"))
+        .await
+        .expect_err("unknown service");
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+
+    // Server streaming: each change reaches the client as the server sends it.
+    let mut watch = client
+        .watch(ask("orders.v1.Orders"))
+        .await
+        .expect("Watch started")
+        .into_inner();
+    let mut next = async || {
+        tokio::time::timeout(PATIENCE, watch.message())
+            .await
+            .expect("a message in time")
+            .expect("stream intact")
+            .expect("stream open")
+            .status()
+    };
+    assert_eq!(next().await, Wire::Serving);
+    reporter
+        .set_service_status("orders.v1.Orders", ServingStatus::NotServing)
+        .await;
+    assert_eq!(next().await, Wire::NotServing);
+    reporter
+        .set_service_status("orders.v1.Orders", ServingStatus::Serving)
+        .await;
+    assert_eq!(next().await, Wire::Serving);
+
+    server.abort();
+    amb.shutdown().await;
+}
+
+// ---------------------------------------------------------------- ready-made plugins
+
+fn with_header(mut req: Request<TestBody>, name: &'static str, value: &str) -> Request<TestBody> {
+    req.headers_mut()
+        .insert(name, HeaderValue::from_str(value).expect("header value"));
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_injects_a_token_rotated_while_requests_flow_and_answers_a_local_401() {
+    let pki = Pki::new();
+    let one = Upstream::start(&pki, "one", &[b"h2"]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token = dir.path().join("token");
+    let clients = dir.path().join("clients");
+    std::fs::write(&token, "first-token\n").expect("token");
+    std::fs::write(&clients, "# apps allowed in\nclient-a\n\nclient-b\n").expect("clients");
+    let amb = start(&[
+        listener_block("inject", "one", r#"plugins = ["auth"]"#),
+        listener_block("guarded", "one", r#"plugins = ["guard"]"#),
+        upstream_block(&pki, "one", &[(one.addr, 0)], ""),
+        plugin_block(
+            "auth",
+            "bearer-token",
+            &format!(
+                "grants = {{ files = [{t:?}] }}\nconfig = {{ token_file = {t:?}, refresh_ms = 50 }}",
+                t = token.display().to_string()
+            ),
+        ),
+        plugin_block(
+            "guard",
+            "bearer-token",
+            &format!(
+                "grants = {{ files = [{t:?}, {c:?}] }}\nconfig = {{ token_file = {t:?}, client_tokens_file = {c:?}, refresh_ms = 50 }}",
+                t = token.display().to_string(),
+                c = clients.display().to_string()
+            ),
+        ),
+    ])
+    .await;
+
+    // Requests flow, each on a new app connection, while the Secret rotates (written
+    // aside and renamed in, as an atomic writer does).
+    let addr = listener(&amb, "inject");
+    let done = Arc::new(AtomicUsize::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let flow = tokio::spawn({
+        let (done, stop) = (done.clone(), stop.clone());
+        async move {
+            let mut seen = Vec::new();
+            let until = tokio::time::Instant::now() + PATIENCE;
+            while !stop.is_cancelled() && seen.len() < 5000 && tokio::time::Instant::now() < until {
+                let (status, h, _) = send(addr, get("/hello")).await;
+                seen.push((status, header_of(&h, "x-seen-authorization")));
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+            seen
+        }
+    });
+    let wait_for = |n: usize| {
+        let done = done.clone();
+        async move {
+            let until = tokio::time::Instant::now() + PATIENCE;
+            while done.load(Ordering::SeqCst) < n {
+                assert!(tokio::time::Instant::now() < until, "requests stalled");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    wait_for(20).await;
+    let aside = dir.path().join("token.new");
+    std::fs::write(&aside, "second-token\n").expect("new token");
+    std::fs::rename(&aside, &token).expect("rotate");
+    let rotated_at = done.load(Ordering::SeqCst);
+    // Well past refresh_ms, then enough requests to see the new token settle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = done.load(Ordering::SeqCst);
+    wait_for(after + 30).await;
+    stop.cancel();
+    let seen = flow.await.expect("request flow");
+    assert!(
+        seen.iter().all(|(s, _)| *s == StatusCode::OK),
+        "every request succeeded"
+    );
+    assert_eq!(seen[0].1, "Bearer first-token");
+    assert!(
+        seen.iter()
+            .all(|(_, a)| a == "Bearer first-token" || a == "Bearer second-token"),
+        "the upstream only ever saw one of the two tokens"
+    );
+    assert!(
+        seen[after..].iter().all(|(_, a)| a == "Bearer second-token"),
+        "requests after the refresh carry the rotated token (rotated after request {rotated_at})"
+    );
+
+    // The guarded listener: an app without an accepted token gets a local 401, and the
+    // upstream never sees the request.
+    let guarded = listener(&amb, "guarded");
+    for req in [
+        get("/hello?guarded"),
+        with_header(get("/hello?guarded"), "authorization", "Bearer not-on-the-list"),
+    ] {
+        let (status, h, body) = send(guarded, req).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(header_of(&h, "www-authenticate"), "Bearer realm=\"wasmbassador\"");
+        assert_eq!(body, "missing or unknown bearer token\n");
+    }
+    assert_eq!(one.hits("/hello?guarded"), 0);
+    let (status, h, _) = send(
+        guarded,
+        with_header(get("/hello?guarded"), "authorization", "Bearer client-b"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        header_of(&h, "x-seen-authorization"),
+        "Bearer second-token",
+        "the app's token is swapped for the upstream's"
+    );
+    assert_eq!(
+        metric(
+            &amb,
+            "wasmbassador_plugin_bearer_token_requests_total{plugin=\"guard\",outcome=\"rejected_client\"}"
+        ),
+        2.0
+    );
+    amb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_router_routes_by_header_splits_by_weight_and_keeps_sticky_users_on_one_side() {
+    let pki = Pki::new();
+    let stable = Upstream::start(&pki, "stable", &[b"h2"]).await;
+    let canary = Upstream::start(&pki, "canary", &[b"h2"]).await;
+    let beta = Upstream::start(&pki, "beta", &[b"http/1.1"]).await;
+    let amb = start(&[
+        listener_block("api", "api", r#"plugins = ["router"]"#),
+        tagged_upstream(&pki, "api", &[(stable.addr, "stable"), (canary.addr, "canary")]),
+        upstream_block(&pki, "beta-api", &[(beta.addr, 0)], ""),
+        plugin_block(
+            "router",
+            "header-router",
+            r#"
+  [[plugin.config.rules]]
+  header = "x-tenant"
+  equals = "beta"
+  route = { upstream = "beta-api" }
+  [[plugin.config.rules]]
+  header = "x-canary"
+  present = true
+  route = { tag = "canary" }
+  [plugin.config.split]
+  sticky_header = "x-user-id"
+  [[plugin.config.split.targets]]
+  route = { tag = "stable" }
+  weight = 80
+  [[plugin.config.split.targets]]
+  route = { tag = "canary" }
+  weight = 20
+"#,
+        ),
+    ])
+    .await;
+    let addr = listener(&amb, "api");
+    let server = |h: &HeaderMap| header_of(h, "x-server");
+    for _ in 0..10 {
+        let (_, h, _) = send(addr, with_header(get("/hello"), "x-tenant", "beta")).await;
+        assert_eq!(server(&h), "beta");
+        let (_, h, _) = send(addr, with_header(get("/hello"), "x-canary", "yes")).await;
+        assert_eq!(server(&h), "canary");
+    }
+    // The split: about one in five to the canary.
+    let mut to_canary = 0;
+    for _ in 0..100 {
+        let (status, h, _) = send(addr, get("/hello")).await;
+        assert_eq!(status, StatusCode::OK);
+        to_canary += usize::from(server(&h) == "canary");
+    }
+    assert!(
+        (10..=30).contains(&to_canary),
+        "{to_canary} of 100 went to the canary"
+    );
+    // Sticky: each user stays on one side, and both sides have users.
+    let mut sides = BTreeMap::new();
+    for user in 0..40 {
+        for _ in 0..3 {
+            let (_, h, _) = send(
+                addr,
+                with_header(get("/hello"), "x-user-id", &format!("user-{user}")),
+            )
+            .await;
+            let side = server(&h);
+            let first = sides.entry(user).or_insert_with(|| side.clone());
+            assert_eq!(*first, side, "user-{user} moved");
+        }
+    }
+    let on_canary = sides.values().filter(|s| *s == "canary").count();
+    assert!(
+        (1..40).contains(&on_canary),
+        "{on_canary} of 40 users on the canary"
+    );
+    assert_eq!(
+        metric(
+            &amb,
+            "wasmbassador_plugin_header_router_routed_total{plugin=\"router\",target=\"upstream:beta-api\"}"
+        ),
+        10.0
+    );
+    amb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_metrics_counts_requests_errors_and_latency_per_route_behind_a_three_plugin_chain() {
+    let pki = Pki::new();
+    let one = Upstream::start(&pki, "one", &[b"h2"]).await;
+    let dead = support::free_port();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken\n").expect("token");
+    let amb = start(&[
+        listener_block("api", "one", r#"plugins = ["auth", "router", "metrics"]"#),
+        upstream_block(&pki, "one", &[(one.addr, 0)], ""),
+        upstream_block(&pki, "gone", &[(format!("127.0.0.1:{dead}").parse().expect("addr"), 0)], ""),
+        plugin_block(
+            "auth",
+            "bearer-token",
+            &format!(
+                "grants = {{ files = [{t:?}] }}\nconfig = {{ token_file = {t:?} }}",
+                t = token.display().to_string()
+            ),
+        ),
+        plugin_block(
+            "router",
+            "header-router",
+            r#"config = { rules = [{ header = "x-tenant", equals = "gone", route = { upstream = "gone" } }] }"#,
+        ),
+        plugin_block(
+            "metrics",
+            "http-metrics",
+            r#"config = { routes = [{ name = "hello", prefix = "/hello" }, { name = "flaky", prefix = "/always-503" }] }"#,
+        ),
+    ])
+    .await;
+    let addr = listener(&amb, "api");
+    for _ in 0..5 {
+        let (status, h, _) = send(addr, get("/hello?x=1")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(header_of(&h, "x-seen-authorization"), "Bearer t0ken");
+    }
+    for _ in 0..2 {
+        let (status, _, _) = send(addr, get("/always-503")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let (status, _, _) = send(addr, with_header(get("/hello"), "x-tenant", "gone")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    for _ in 0..3 {
+        let (status, _, _) = send(addr, get("/elsewhere")).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let shown = amb.shared().metrics.encode();
+    let value = |name: &str, labels: &str| {
+        metric_value(
+            &shown,
+            &format!("wasmbassador_plugin_{name}{{plugin=\"metrics\",listener=\"api\",{labels}}}"),
+        )
+    };
+    for (labels, expected) in [
+        (r#"route="hello",method="GET",status_class="2xx""#, 5.0),
+        (r#"route="hello",method="GET",status_class="5xx""#, 1.0),
+        (r#"route="flaky",method="GET",status_class="5xx""#, 2.0),
+        (r#"route="other",method="GET",status_class="2xx""#, 3.0),
+    ] {
+        assert_eq!(
+            value("http_requests_total", labels),
+            expected,
+            "{labels}\n{shown}"
+        );
+    }
+    assert_eq!(
+        value(
+            "http_request_errors_total",
+            r#"route="flaky",kind="upstream_5xx""#
+        ),
+        2.0
+    );
+    assert_eq!(
+        value("http_request_errors_total", r#"route="hello",kind="host""#),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "http_request_duration_seconds_count",
+            r#"route="hello",status_class="2xx""#
+        ),
+        5.0,
+        "{shown}"
+    );
+    amb.shutdown().await;
 }

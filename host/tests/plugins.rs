@@ -602,7 +602,14 @@ fn validate_accepts_each_plugin_example_and_names_the_file_and_step_of_a_bad_plu
     let pki = Pki::new();
     let client = pki.client_cert("wasmbassador");
     let plugins = support::plugins::repo().join("plugins");
-    for example in ["allow-list", "route-by-database", "access-log"] {
+    for example in [
+        "allow-list",
+        "route-by-database",
+        "access-log",
+        "bearer-token",
+        "header-router",
+        "http-metrics",
+    ] {
         let original = plugins.join(example).join("example.toml");
         let text = std::fs::read_to_string(&original).expect("read example.toml");
         let dir = tempfile::tempdir().expect("temp dir");

@@ -147,7 +147,7 @@ pub use verdict::{Route, Verdict};
 /// Everything a plugin usually needs, for `use wasmbassador_sdk::prelude::*;`.
 pub mod prelude {
     pub use crate::export_plugin;
-    pub use crate::http::{Action, HeaderEdit, Request, Response};
+    pub use crate::http::{Action, HeaderEdit, Headers, Request, Response, Source};
     pub use crate::log;
     pub use crate::metrics::{Counter, Histogram};
     pub use crate::{Closed, Config, Connection, Outcome, Plugin, Protocol, Route, Verdict};

@@ -89,8 +89,9 @@ pub trait Plugin: 'static {
         Action::forward()
     }
 
-    /// Runs for each response to a request whose [`on_request`](Plugin::on_request) ran
-    /// in this plugin, in reverse chain order, before the response head goes to the
+    /// Runs for each response to a request that reached this plugin in the chain (also
+    /// when its [`on_request`](Plugin::on_request) is left at the default), in reverse
+    /// chain order, before the response head goes to the
     /// application: the upstream's answer, a plugin's local one, or the host's 502/503/504
     /// ([`Response::source`] tells which). Return header edits for the response (none:
     /// an empty `Vec`); observe status and timings. The body streams afterwards and is not
