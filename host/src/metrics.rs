@@ -152,6 +152,8 @@ pub struct Metrics {
     pub http_upstream_duration: Family<EndpointLabels, Histogram>,
     /// Upstream connections opened by HTTP pools (reuse shows as few of these).
     pub http_connections_opened: Family<HttpConnectionLabels, Counter>,
+    /// Upstream connections of HTTP pools open now, idle or busy (the pool's size).
+    pub http_connections_open: Family<HttpConnectionLabels, Gauge>,
     /// Retries of idempotent HTTP requests, and retries the budget refused.
     pub http_retries: Family<HttpRetryLabels, Counter>,
     /// Counters and histograms that plugins declare.
@@ -199,6 +201,7 @@ impl Metrics {
             http_requests: Family::default(),
             http_upstream_duration: Family::new_with_constructor(connect_histogram),
             http_connections_opened: Family::default(),
+            http_connections_open: Family::default(),
             http_retries: Family::default(),
             plugin_metrics: Default::default(),
             registry: Registry::default(),
@@ -291,6 +294,11 @@ impl Metrics {
             "http_upstream_connections_opened",
             "Upstream connections opened by HTTP connection pools",
             m.http_connections_opened.clone(),
+        );
+        r.register(
+            "http_upstream_connections_open",
+            "Upstream connections of HTTP connection pools open now, idle or busy",
+            m.http_connections_open.clone(),
         );
         r.register(
             "http_retries",

@@ -792,20 +792,31 @@ async fn a_thousand_new_app_connections_reuse_a_handful_of_upstream_connections(
             (1..=4).contains(&opened),
             "{name}: 1,000 requests on new app connections opened {opened} upstream TLS connections"
         );
-        let counted: f64 = amb
-            .shared()
-            .metrics
-            .encode()
-            .lines()
-            .filter(|l| {
-                l.starts_with("wasmbassador_http_upstream_connections_opened_total{")
-                    && l.contains(&server.addr.to_string())
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
+        let sum = |metric: &str| -> f64 {
+            amb.shared()
+                .metrics
+                .encode()
+                .lines()
+                .filter(|l| l.starts_with(metric) && l.contains(&server.addr.to_string()))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        let counted = sum("wasmbassador_http_upstream_connections_opened_total{");
         assert_eq!(
             counted as usize, opened,
             "{name}: the pool metric counts what the server saw"
+        );
+        // Still pooled (idle, within pool_idle_timeout): the pool's size.
+        let open = sum("wasmbassador_http_upstream_connections_open{");
+        assert!(
+            open >= 1.0 && open <= counted,
+            "{name}: {open} pooled connections open of {counted} opened"
+        );
+        // Reuse: requests per connection, from the per-endpoint latency histogram.
+        let requests = sum("wasmbassador_http_upstream_request_duration_seconds_count{");
+        assert!(
+            requests / counted >= 250.0,
+            "{name}: {requests} requests over {counted} connections"
         );
     }
     assert_eq!(

@@ -28,6 +28,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::HttpVersion;
 use crate::connect::{Handshake, UpstreamIo};
@@ -127,6 +128,8 @@ pub struct ConnInfo {
 #[derive(Debug)]
 pub struct Conn {
     io: TokioIo<UpstreamIo>,
+    /// `http_upstream_connections_open`, decremented when the pool drops the connection.
+    open: Gauge,
     h2: bool,
     info: ConnInfo,
 }
@@ -150,17 +153,18 @@ impl tower_service::Service<http::Uri> for Connector {
             let up = upstream.upgrade().ok_or(PoolConnectError::Removed)?;
             let c = up.connect(Handshake::Http(version), tag.as_deref(), None).await?;
             let h2 = c.io.alpn_h2() || version == HttpVersion::Http2;
-            up.metrics()
-                .http_connections_opened
-                .get_or_create(&HttpConnectionLabels {
-                    upstream: up.config.name.clone(),
-                    endpoint: c.endpoint.config.address.clone(),
-                    protocol: if h2 { "http2" } else { "http1" },
-                })
-                .inc();
+            let labels = HttpConnectionLabels {
+                upstream: up.config.name.clone(),
+                endpoint: c.endpoint.config.address.clone(),
+                protocol: if h2 { "http2" } else { "http1" },
+            };
+            up.metrics().http_connections_opened.get_or_create(&labels).inc();
+            let open = up.metrics().http_connections_open.get_or_create(&labels).clone();
+            open.inc();
             tracing::debug!(upstream = %up.config.name, endpoint = %c.endpoint.config.address, h2, "pooled upstream connection opened");
             Ok(Conn {
                 io: TokioIo::new(c.io),
+                open,
                 h2,
                 info: ConnInfo {
                     endpoint: c.endpoint,
@@ -168,6 +172,12 @@ impl tower_service::Service<http::Uri> for Connector {
                 },
             })
         })
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.open.dec();
     }
 }
 
