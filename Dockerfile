@@ -8,7 +8,9 @@
 # Layout of the final image:
 #   /usr/local/bin/wasmbassador              the binary (the ENTRYPOINT)
 #   /usr/lib/wasmbassador/plugins/*.wasm     the ready-made plugins (allow_list.wasm,
-#                                            access_log.wasm, route_by_database.wasm)
+#                                            access_log.wasm, route_by_database.wasm,
+#                                            bearer_token.wasm, header_router.wasm,
+#                                            http_metrics.wasm)
 #   /etc/wasmbassador/wasmbassador.toml      a default config (admin on 127.0.0.1:9901,
 #                                            no listeners); mount your own elsewhere
 #                                            and pass `run --config FILE`
@@ -38,10 +40,14 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/plugins/target \
     cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release --locked \
         -p allow-list -p access-log -p route-by-database \
+        -p bearer-token -p header-router -p http-metrics \
     && mkdir -p /out \
     && cp plugins/target/wasm32-wasip2/release/allow_list.wasm \
           plugins/target/wasm32-wasip2/release/access_log.wasm \
-          plugins/target/wasm32-wasip2/release/route_by_database.wasm /out/
+          plugins/target/wasm32-wasip2/release/route_by_database.wasm \
+          plugins/target/wasm32-wasip2/release/bearer_token.wasm \
+          plugins/target/wasm32-wasip2/release/header_router.wasm \
+          plugins/target/wasm32-wasip2/release/http_metrics.wasm /out/
 
 # --- Runtime ---------------------------------------------------------------------
 # distroless/cc: glibc, libgcc, CA certificates (for `tls.roots = "system"`) and a
