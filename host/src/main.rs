@@ -20,6 +20,12 @@ struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
     log_format: LogFormat,
+    /// Threads that serve connections. By default as many as the CPUs this process may
+    /// use; a sidecar that shares its pod's cores with the app often does better with
+    /// fewer (see docs/benchmarks.md: on two cores one thread cut the CPU per HTTP
+    /// request by a fifth to a third).
+    #[arg(long, env = "WASMBASSADOR_WORKERS", global = true)]
+    workers: Option<std::num::NonZeroUsize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -166,7 +172,11 @@ fn main() -> ExitCode {
         return probe(kind, admin, config, timeout);
     }
     init_logs(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.workers {
+        builder.worker_threads(n.get());
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -152,6 +152,46 @@ async fn run_refuses_a_bad_config_with_the_same_report_and_binds_nothing() {
     );
 }
 
+#[tokio::test]
+async fn workers_sets_the_number_of_serving_threads_and_zero_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("admin-only.toml");
+    std::fs::write(&config, "[admin]\nlisten = \"127.0.0.1:0\"\n").expect("write config");
+    let serving = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("the process's threads")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|name| name.trim() == "tokio-rt-worker")
+            .count()
+    };
+    for (args, expected) in [(vec!["--workers", "1"], 1), (vec!["--workers", "3"], 3)] {
+        let mut p =
+            Process::spawn(
+                args.iter()
+                    .copied()
+                    .chain(["run", "--config", &config.display().to_string()]),
+            );
+        p.wait_for_stderr("admin listening", Duration::from_secs(20))
+            .await;
+        assert_eq!(serving(p.pid()), expected, "{args:?}");
+        p.signal("TERM");
+        assert!(p.wait_exit(Duration::from_secs(20)).await.success());
+    }
+    let zero = wasmbassador(&[
+        "--workers",
+        "0",
+        "validate",
+        "--config",
+        &config.display().to_string(),
+    ]);
+    assert!(!zero.status.success());
+    assert!(
+        String::from_utf8_lossy(&zero.stderr).contains("invalid value '0' for '--workers"),
+        "{}",
+        String::from_utf8_lossy(&zero.stderr)
+    );
+}
+
 #[test]
 fn version_and_help() {
     let out = wasmbassador(&["--version"]);
