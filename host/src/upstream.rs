@@ -28,6 +28,11 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// Whether it carries routing tag `tag`.
+    pub fn carries(&self, tag: &str) -> bool {
+        self.config.tags.iter().any(|t| t == tag)
+    }
+
     fn new(config: EndpointConfig, upstream: &str) -> Self {
         Self {
             labels: EndpointLabels {
@@ -171,9 +176,7 @@ impl Upstream {
 
     /// Whether any endpoint carries `tag`.
     pub fn has_tag(&self, tag: &str) -> bool {
-        self.endpoints
-            .iter()
-            .any(|e| e.config.tags.iter().any(|t| t == tag))
+        self.endpoints.iter().any(|e| e.carries(tag))
     }
 
     /// Picks the next endpoint: the best priority that has an available endpoint not
@@ -181,7 +184,7 @@ impl Upstream {
     /// are still tried in priority order rather than refusing everyone. With `tag`,
     /// only endpoints carrying that tag are candidates.
     pub fn pick(&self, tried: &[usize], tag: Option<&str>) -> Option<usize> {
-        let eligible = |i: usize| tag.is_none_or(|t| self.endpoints[i].config.tags.iter().any(|x| x == t));
+        let eligible = |i: usize| tag.is_none_or(|t| self.endpoints[i].carries(t));
         let untried = |i: &usize| !tried.contains(i);
         let passes: [&dyn Fn(usize) -> bool; 4] = [
             &|i| eligible(i) && untried(&i) && self.endpoints[i].available(),

@@ -144,7 +144,7 @@ impl Request {
 
     /// The path without the query (`/v1/items`).
     pub fn path_only(&self) -> &str {
-        self.path.split_once('?').map_or(&self.path, |(p, _)| p)
+        path_only(&self.path)
     }
 
     /// The query, without the `?`, if there is one.
@@ -186,6 +186,11 @@ impl From<wit::RequestInfo> for Request {
             upstream: i.upstream,
         }
     }
+}
+
+/// `/a/b?x=1` -> `/a/b`.
+fn path_only(path: &str) -> &str {
+    path.split_once('?').map_or(path, |(p, _)| p)
 }
 
 /// A change to header fields. Names and values must be valid in HTTP; an invalid edit
@@ -468,7 +473,7 @@ impl Response {
 
     /// The request's path without the query.
     pub fn path_only(&self) -> &str {
-        self.path.split_once('?').map_or(&self.path, |(p, _)| p)
+        path_only(&self.path)
     }
 
     /// The upstream the request was sent to, after routing.
