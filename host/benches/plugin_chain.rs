@@ -13,12 +13,15 @@
 //! (c) **Swap latency**: time from renaming a new `.wasm` over the old one in the
 //!     watched folder to `/plugins` showing the new generation, and to the first new
 //!     connection that shows the new behaviour (allow-all and deny-all alternate).
+//! (d) **HTTP hooks in-process**: `on-request` and `on-response` per request for the
+//!     http plugins of `bench/http.sh` (bearer-token, header-router, http-metrics),
+//!     together and alone.
 //!
 //! Run: `cargo bench -p wasmbassador --bench plugin_chain` (or `bash bench/plugins.sh`).
 //! Knobs (environment): `CHAIN_CONNS` (per batch, default 20000), `LISTENER_CONNS`
 //! (per round, default 2000), `LISTENER_ROUNDS` (default 5), `CLIENTS` (concurrent
 //! client tasks, default 4), `SWAPS` (default 10). A first argument `chain`,
-//! `listener` or `swap` runs only that part.
+//! `http`, `listener` or `swap` runs only that part.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -36,7 +39,8 @@ use wasmbassador::config::Config;
 use wasmbassador::metrics::Metrics;
 use wasmbassador::plugin::chain::{Chain, Decision};
 use wasmbassador::plugin::{
-    CloseInfo, ConnectInfo, Outcome, PluginMap, PluginShared, PostgresStartup, Protocol, load_slot,
+    CloseInfo, ConnectInfo, Header, Outcome, PluginMap, PluginShared, PostgresStartup, Protocol,
+    RequestAction, RequestInfo, ResponseInfo, ResponseSource, load_slot,
 };
 
 /// The release binary cargo built for this bench.
@@ -123,6 +127,24 @@ fn ms(d: Duration) -> String {
 // (a) the chain in-process
 // ---------------------------------------------------------------------------------
 
+/// Loads every plugin of a config text, as the ambassador does at start.
+fn load_plugins(text: &str) -> PluginMap {
+    let config = Config::parse(text, "bench").expect("the bench config is valid");
+    let metrics = Arc::new(Metrics::new());
+    let shared = PluginShared {
+        plugin_metrics: metrics.plugin_metrics.clone(),
+        metrics,
+    };
+    config
+        .plugins
+        .iter()
+        .map(|p| {
+            let slot = load_slot(p, &shared, None).unwrap_or_else(|e| panic!("{e}"));
+            (p.name.clone(), slot)
+        })
+        .collect()
+}
+
 /// The three real plugins, configured as for a `postgres` listener.
 fn chain_plugins(dir: &Path) -> PluginMap {
     let text = format!(
@@ -164,20 +186,7 @@ on_error = "allow"
         route = toml_path(&wasm(dir, "route-by-database")),
         log = toml_path(&wasm(dir, "access-log")),
     );
-    let config = Config::parse(&text, "bench").expect("the bench config is valid");
-    let metrics = Arc::new(Metrics::new());
-    let shared = PluginShared {
-        plugin_metrics: metrics.plugin_metrics.clone(),
-        metrics,
-    };
-    config
-        .plugins
-        .iter()
-        .map(|p| {
-            let slot = load_slot(p, &shared, None).unwrap_or_else(|e| panic!("{e}"));
-            (p.name.clone(), slot)
-        })
-        .collect()
+    load_plugins(&text)
 }
 
 /// One connection's worth of plugin work, as `listener.rs` does it: take the chain,
@@ -334,6 +343,178 @@ fn chain_bench(dir: &Path) -> Vec<ChainRow> {
                 row.one_thread.cpu_ns, row.two_threads.cpu_ns
             );
             row
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------
+// (d) the http hooks in-process
+// ---------------------------------------------------------------------------------
+
+/// The three http plugins of `bench/http.sh`, configured the same way.
+fn http_plugins(dir: &Path, token: &Path) -> PluginMap {
+    let text = format!(
+        r#"
+[[listener]]
+name = "api"
+listen = "127.0.0.1:0"
+protocol = "http"
+upstream = "api"
+plugins = ["bearer-token", "header-router", "http-metrics"]
+
+[[upstream]]
+name = "api"
+  [[upstream.endpoint]]
+  address = "127.0.0.1:1"
+  tags = ["beta"]
+
+[[plugin]]
+name = "bearer-token"
+path = {bearer}
+grants = {{ files = [{token}] }}
+config = {{ token_file = {token} }}
+
+[[plugin]]
+name = "header-router"
+path = {router}
+config = {{ rules = [{{ header = "x-tenant", equals = "beta", route = {{ tag = "beta" }} }}] }}
+
+[[plugin]]
+name = "http-metrics"
+path = {metrics}
+config = {{ routes = [{{ name = "root", prefix = "/" }}] }}
+"#,
+        bearer = toml_path(&wasm(dir, "bearer-token")),
+        router = toml_path(&wasm(dir, "header-router")),
+        metrics = toml_path(&wasm(dir, "http-metrics")),
+        token = toml_path(token),
+    );
+    load_plugins(&text)
+}
+
+fn header(name: &str, value: &str) -> Header {
+    Header {
+        name: name.to_string(),
+        value: value.as_bytes().to_vec(),
+    }
+}
+
+/// One request's worth of plugin work, as `http/hooks.rs` does it: take the chain,
+/// `on-request` in order, `on-response` in reverse, for the plugins that use them.
+fn one_request(plugins: &ArcSwap<PluginMap>, names: &[String], peer: SocketAddr) -> usize {
+    let chain: Vec<_> = {
+        let map = plugins.load();
+        names
+            .iter()
+            .filter_map(|n| map.get(n).map(|s| s.current.load_full()))
+            .collect()
+    };
+    let mut info = RequestInfo {
+        listener: "api".to_string(),
+        client_addr: peer.to_string(),
+        method: "GET".to_string(),
+        path: "/hello.txt".to_string(),
+        authority: Some("127.0.0.1:8080".to_string()),
+        headers: Vec::new(),
+        upstream: "api".to_string(),
+    };
+    let mut edits = 0;
+    for p in &chain {
+        if !p.wants_requests() {
+            continue;
+        }
+        info.headers = vec![header("user-agent", "curl/8.5.0"), header("accept", "*/*")];
+        match p.on_request(&info) {
+            Ok(RequestAction::Forward(f)) => edits += f.headers.len(),
+            Ok(RequestAction::Respond(_)) => panic!("plugin {} answered locally", p.name()),
+            Err(e) => panic!("plugin {} failed: {e}", p.name()),
+        }
+    }
+    if chain.iter().any(|p| p.wants_responses()) {
+        let seen = ResponseInfo {
+            listener: info.listener,
+            method: info.method,
+            path: info.path,
+            upstream: "api".to_string(),
+            endpoint: Some("127.0.0.1:1".to_string()),
+            status: 200,
+            headers: vec![
+                header("server", "nginx/1.22.1"),
+                header("date", "Sun, 22 Nov 2026 09:00:00 GMT"),
+                header("content-type", "text/plain"),
+                header("content-length", "128"),
+                header("last-modified", "Sun, 22 Nov 2026 08:00:00 GMT"),
+                header("etag", "\"6740c000-80\""),
+                header("accept-ranges", "bytes"),
+            ],
+            source: ResponseSource::Upstream,
+            duration_ns: 180_000,
+            attempts: 1,
+        };
+        for p in chain.iter().rev() {
+            edits += p.on_response(&seen).len();
+        }
+    }
+    edits
+}
+
+/// Median on-CPU cost per request on one thread, like [`time_chain`].
+fn time_requests(plugins: &ArcSwap<PluginMap>, names: &[String], per_batch: usize) -> Cost {
+    let peer: SocketAddr = "127.0.0.1:50412".parse().expect("address");
+    let (mut wall, mut cpu) = (Vec::new(), Vec::new());
+    let started = Instant::now();
+    let mut per_batch = per_batch;
+    for batch in 0..8 {
+        let t = Instant::now();
+        let c = thread_cpu_ns();
+        for _ in 0..per_batch {
+            black_box(one_request(plugins, names, peer));
+        }
+        let ns = t.elapsed().as_nanos() as f64 / per_batch as f64;
+        let c = match (c, thread_cpu_ns()) {
+            (Some(a), Some(b)) => (b - a) as f64 / per_batch as f64,
+            _ => f64::NAN,
+        };
+        if batch == 0 {
+            per_batch = per_batch.max((100e6 / ns) as usize).min(5_000_000);
+        } else {
+            wall.push(ns);
+            cpu.push(c);
+        }
+        if started.elapsed() > CHAIN_TIME_BOUND {
+            break;
+        }
+    }
+    Cost {
+        wall_ns: median(&mut wall),
+        cpu_ns: median(&mut cpu),
+        cpu_min_ns: cpu.iter().copied().fold(f64::INFINITY, f64::min),
+    }
+}
+
+fn http_bench(dir: &Path) -> Vec<(String, Cost)> {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "bench-upstream-token\n").expect("write the token");
+    let plugins = ArcSwap::from_pointee(http_plugins(dir, &token));
+    let per_batch = env_usize("CHAIN_CONNS", 20_000);
+    let chains: [(&str, &[&str]); 5] = [
+        ("0 plugins", &[]),
+        (
+            "3 plugins (bearer-token, header-router, http-metrics)",
+            &["bearer-token", "header-router", "http-metrics"],
+        ),
+        ("bearer-token alone (on-request)", &["bearer-token"]),
+        ("header-router alone (on-request)", &["header-router"]),
+        ("http-metrics alone (on-response)", &["http-metrics"]),
+    ];
+    chains
+        .iter()
+        .map(|(label, names)| {
+            let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+            let cost = time_requests(&plugins, &names, per_batch);
+            eprintln!("http {label}: cpu {:.0} ns", cost.cpu_ns);
+            (label.to_string(), cost)
         })
         .collect()
 }
@@ -755,6 +936,29 @@ fn main() {
                 r.one_thread.wall_ns,
                 r.two_threads.cpu_ns,
                 r.two_threads.wall_ns
+            ));
+        }
+        report.push('\n');
+    }
+
+    if run("http") {
+        let rows = http_bench(&dir);
+        report.push_str(
+            "### (d) HTTP hooks per request, in-process
+
+",
+        );
+        report.push_str(
+            "The chain of an `http` listener per request, as `http/hooks.rs` runs it: \
+             `on-request` in order (two request fields), `on-response` in reverse (seven \
+             response fields), for the plugins that use each hook; reused instances, one \
+             thread; medians as in (a).\n\n",
+        );
+        report.push_str("| chain | CPU ns | best batch | wall ns |\n|---|---:|---:|---:|\n");
+        for (label, c) in &rows {
+            report.push_str(&format!(
+                "| {label} | {:.0} | {:.0} | {:.0} |\n",
+                c.cpu_ns, c.cpu_min_ns, c.wall_ns
             ));
         }
         report.push('\n');

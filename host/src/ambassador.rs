@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -16,6 +17,7 @@ use crate::listener::{ListenerHandle, ListenerState, accept_loop};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::postgres::CancelRegistry;
 use crate::upstream::Upstream;
+use crate::workers::WorkerThreads;
 
 /// Why the ambassador could not start or a new configuration could not be applied.
 /// In both cases nothing changed: what ran before keeps running.
@@ -24,6 +26,9 @@ pub enum Error {
     /// The configuration itself is invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The connection threads could not be started.
+    #[error("cannot start the connection threads: {0}")]
+    Threads(std::io::Error),
     /// A listener or the admin server could not bind its address.
     #[error("{what} cannot listen on {addr}: {source}")]
     Bind {
@@ -63,6 +68,8 @@ pub struct Shared {
     plugin_watcher: Mutex<Option<crate::plugin::watch::PluginWatcher>>,
     /// Every connection task, so that drain can wait for them.
     pub tracker: TaskTracker,
+    /// The connection threads new connections go to; `None`: the caller's runtime.
+    pub workers: Option<Arc<crate::workers::Workers>>,
     /// Cancelled when the drain timeout ends: remaining connections close.
     pub hard_stop: CancellationToken,
     started: AtomicBool,
@@ -124,6 +131,8 @@ pub struct Ambassador {
     shared: Arc<Shared>,
     admin_addr: SocketAddr,
     admin_stop: CancellationToken,
+    /// The connection threads, when the ambassador runs its own.
+    threads: Option<WorkerThreads>,
 }
 
 /// What a reload changed.
@@ -141,6 +150,17 @@ impl Ambassador {
     /// Binds the admin server and every listener, starts health checks, and returns
     /// once the ambassador accepts connections (`/startup` then answers 200).
     pub async fn start(config: Config) -> Result<Self, Error> {
+        Self::start_with_threads(config, None).await
+    }
+
+    /// As [`start`](Ambassador::start), but with `threads` connection threads of the
+    /// ambassador's own (see [`crate::workers`]) serving the connections instead of the
+    /// caller's runtime. The CLI starts one per CPU. They stop with the ambassador.
+    pub async fn start_with_threads(config: Config, threads: Option<NonZeroUsize>) -> Result<Self, Error> {
+        let threads = threads
+            .map(WorkerThreads::start)
+            .transpose()
+            .map_err(Error::Threads)?;
         let metrics = Arc::new(Metrics::new());
         let shared = Arc::new(Shared {
             metrics,
@@ -150,6 +170,7 @@ impl Ambassador {
             plugins: Arc::new(ArcSwap::from_pointee(Default::default())),
             plugin_watcher: Mutex::new(None),
             tracker: TaskTracker::new(),
+            workers: threads.as_ref().map(|t| t.workers.clone()),
             hard_stop: CancellationToken::new(),
             started: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -173,6 +194,7 @@ impl Ambassador {
             shared: shared.clone(),
             admin_addr,
             admin_stop: admin_stop.clone(),
+            threads,
         };
         ambassador.apply(config).await?;
         tokio::spawn(crate::admin::serve(admin, shared.clone(), admin_stop));
@@ -406,7 +428,7 @@ impl Ambassador {
     /// Graceful stop: not ready at once, keep accepting for `admin.drain_delay`,
     /// then stop accepting and wait up to `admin.drain_timeout` for open connections;
     /// whatever is still open then is closed. Returns when done.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         self.begin_drain();
         let admin = self.shared.config.load().admin.clone();
         tracing::info!(drain_delay = ?admin.drain_delay, drain_timeout = ?admin.drain_timeout, "draining");
@@ -437,6 +459,8 @@ impl Ambassador {
         if let Ok(mut w) = self.shared.plugin_watcher.lock() {
             *w = None;
         }
+        // Every connection has ended (or was told to): the threads can go.
+        drop(self.threads.take());
         tracing::info!("stopped");
     }
 }

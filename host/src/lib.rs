@@ -49,6 +49,7 @@ pub mod reload;
 pub mod tls;
 pub mod upstream;
 pub mod webhook;
+pub mod workers;
 
 pub use ambassador::{Ambassador, Error, ReloadSummary, run};
 pub use config::Config;

@@ -95,9 +95,34 @@ pub async fn accept_loop(
         };
         let shared2 = shared.clone();
         let stop2 = stop.clone();
-        shared
-            .tracker
-            .spawn(async move { serve(shared2, st, sock, peer, permit, stop2).await });
+        let Some(workers) = &shared.workers else {
+            shared
+                .tracker
+                .spawn(async move { serve(shared2, st, sock, peer, permit, stop2).await });
+            continue;
+        };
+        // To a connection thread: the socket leaves this runtime's reactor and joins
+        // that thread's.
+        let sock = match sock.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(listener = %st.config.name, %peer, error = %e, "cannot hand the connection to a connection thread");
+                continue;
+            }
+        };
+        let (thread, assigned) = workers.pick();
+        shared.tracker.spawn_on(
+            async move {
+                let _assigned = assigned;
+                match TcpStream::from_std(sock) {
+                    Ok(sock) => serve(shared2, st, sock, peer, permit, stop2).await,
+                    Err(e) => {
+                        tracing::warn!(listener = %st.config.name, %peer, error = %e, "cannot register the connection on its thread")
+                    }
+                }
+            },
+            thread,
+        );
     }
 }
 

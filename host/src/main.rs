@@ -2,6 +2,7 @@
 //! wait for signals. Everything else lives in the library.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -20,12 +21,11 @@ struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
     log_format: LogFormat,
-    /// Threads that serve connections. By default as many as the CPUs this process may
-    /// use; a sidecar that shares its pod's cores with the app often does better with
-    /// fewer (see docs/benchmarks.md: on two cores one thread cut the CPU per HTTP
-    /// request by a fifth to a third).
+    /// Threads that serve connections, each with its own event loop (a connection stays
+    /// on one thread). By default as many as the CPUs this process may use; a sidecar
+    /// that shares its pod's cores with the app may do better with fewer.
     #[arg(long, env = "WASMBASSADOR_WORKERS", global = true)]
-    workers: Option<std::num::NonZeroUsize>,
+    workers: Option<NonZeroUsize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -172,11 +172,12 @@ fn main() -> ExitCode {
         return probe(kind, admin, config, timeout);
     }
     init_logs(cli.log_format);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = cli.workers {
-        builder.worker_threads(n.get());
-    }
-    let runtime = match builder.enable_all().build() {
+    // This runtime runs the control side (admin, reloads, health checks, accepting);
+    // connections run on the ambassador's connection threads (`crate::workers`).
+    let threads = cli
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().unwrap_or(std::num::NonZeroUsize::MIN));
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -185,13 +186,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run { config } => run(config).await,
+            Command::Run { config } => run(config, threads).await,
             Command::Validate { config } => validate(&config),
             Command::Demo {
                 listen,
                 admin,
                 plugins,
-            } => run_demo(listen, admin, plugins).await,
+            } => run_demo(listen, admin, plugins, threads).await,
             Command::Probe { .. } => unreachable!("handled before the runtime starts"),
             Command::Inject { file, image } => inject(file, image),
             Command::Webhook {
@@ -303,11 +304,11 @@ fn validate(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(path: PathBuf) -> anyhow::Result<()> {
+async fn run(path: PathBuf, threads: NonZeroUsize) -> anyhow::Result<()> {
     let mut last_text =
         std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let config = Config::parse_and_check_files(&last_text, &path.display().to_string())?;
-    let ambassador = Ambassador::start(config).await?;
+    let ambassador = Ambassador::start_with_threads(config, Some(threads)).await?;
     let (_watcher, mut changes) = reload::watch(&path).context("cannot watch the config folder")?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -324,7 +325,12 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_demo(listen: SocketAddr, admin: SocketAddr, plugins: Option<PathBuf>) -> anyhow::Result<()> {
+async fn run_demo(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    plugins: Option<PathBuf>,
+    threads: NonZeroUsize,
+) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("wasmbassador-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let (chain, key) = demo::make_pki(&dir).context("making demo certificates")?;
@@ -344,7 +350,7 @@ async fn run_demo(listen: SocketAddr, admin: SocketAddr, plugins: Option<PathBuf
         &dir.join("ca.pem"),
         plugins.as_deref(),
     )?;
-    let ambassador = Ambassador::start(config).await?;
+    let ambassador = Ambassador::start_with_threads(config, Some(threads)).await?;
     let listen = ambassador.listener_addr("demo").unwrap_or(listen);
     let admin = ambassador.admin_addr();
     println!(

@@ -82,10 +82,16 @@ pub struct Upstream {
     /// TLS client side, when `tls` is configured.
     pub tls: Option<TlsClient>,
     metrics: Arc<Metrics>,
-    /// Pooled HTTP connections, made when an `http` listener first needs them.
-    http_pool: OnceLock<Arc<crate::http::pool::Pool>>,
-    /// Pools of the endpoints with one tag, for requests a plugin routed by tag.
-    http_tag_pools: std::sync::Mutex<std::collections::HashMap<String, Arc<crate::http::pool::Pool>>>,
+    /// Pooled HTTP connections, made when an `http` listener first needs them: one
+    /// pool per connection thread (slot 0 for connections off them), so that a
+    /// request and the upstream connection that carries it run on the same thread.
+    http_pools: Box<[OnceLock<Arc<crate::http::pool::Pool>>]>,
+    /// Pools of the endpoints with one tag, for requests a plugin routed by tag, by
+    /// connection thread slot and tag.
+    http_tag_pools:
+        std::sync::Mutex<std::collections::HashMap<(usize, String), Arc<crate::http::pool::Pool>>>,
+    /// The retry budget of this upstream's HTTP requests, shared by its pools.
+    pub http_budget: Arc<crate::http::retry::Budget>,
 }
 
 /// Every connect attempt for one client connection failed.
@@ -142,13 +148,17 @@ impl Upstream {
                 Arc::new(ep)
             })
             .collect();
+        let http_budget = Arc::new(crate::http::retry::Budget::new(&config.http.retry));
         Ok(Self {
             config,
             endpoints,
             tls,
             metrics,
-            http_pool: OnceLock::new(),
+            http_pools: (0..=crate::workers::MAX_WORKERS)
+                .map(|_| OnceLock::new())
+                .collect(),
             http_tag_pools: Default::default(),
+            http_budget,
         })
     }
 
@@ -161,15 +171,15 @@ impl Upstream {
     /// pool of the endpoints carrying that tag (its own connections, so that a request
     /// routed to a tag never reuses a connection to another endpoint).
     pub fn http_pool(self: &Arc<Self>, tag: Option<&str>) -> Arc<crate::http::pool::Pool> {
+        let slot = crate::workers::current().map_or(0, |i| i + 1);
         let Some(tag) = tag else {
-            return self
-                .http_pool
+            return self.http_pools[slot]
                 .get_or_init(|| Arc::new(crate::http::pool::Pool::new(self, None)))
                 .clone();
         };
         let mut pools = self.http_tag_pools.lock().unwrap_or_else(|p| p.into_inner());
         pools
-            .entry(tag.to_string())
+            .entry((slot, tag.to_string()))
             .or_insert_with(|| Arc::new(crate::http::pool::Pool::new(self, Some(tag.to_string()))))
             .clone()
     }

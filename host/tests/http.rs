@@ -762,6 +762,92 @@ impl ChainTrailers for TestBody {
     }
 }
 
+/// On-CPU nanoseconds of each of this process's connection threads (`wb-conn-N`).
+fn connection_threads() -> BTreeMap<String, u64> {
+    std::fs::read_dir("/proc/self/task")
+        .expect("this process's threads")
+        .filter_map(|t| {
+            let dir = t.ok()?.path();
+            let name = std::fs::read_to_string(dir.join("comm")).ok()?.trim().to_string();
+            let cpu = std::fs::read_to_string(dir.join("schedstat")).ok()?;
+            let cpu = cpu.split_whitespace().next()?.parse().ok()?;
+            name.starts_with("wb-conn-").then_some((name, cpu))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_threads_share_the_app_connections_pool_upstream_connections_and_stop_with_it() {
+    let pki = Pki::new();
+    let one = Upstream::start(&pki, "one", &[b"http/1.1"]).await;
+    let text = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ndrain_timeout = \"1s\"\n{}{}",
+        listener_block("h1", "one", ""),
+        upstream_block(&pki, "one", &[(one.addr, 0)], "")
+    );
+    let config = Config::parse(&text, "threads-test").expect("config");
+    let amb = Ambassador::start_with_threads(config, std::num::NonZeroUsize::new(2))
+        .await
+        .expect("ambassador starts");
+    let before = connection_threads();
+    assert_eq!(before.len(), 2, "two connection threads: {before:?}");
+    let addr = listener(&amb, "h1");
+    // Eight app connections open at once, 150 requests each.
+    let mut apps = JoinSet::new();
+    for c in 0..8 {
+        let mut app = h1(addr).await;
+        apps.spawn(async move {
+            for i in 0..150 {
+                let resp = app
+                    .send_request(get(&format!("/hello?c={c}&i={i}")))
+                    .await
+                    .expect("request");
+                assert_eq!(resp.status(), StatusCode::OK, "connection {c}, request {i}");
+                assert_eq!(body_text(resp.into_body()).await, "hello from one\n");
+            }
+        });
+    }
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(r) = apps.join_next().await {
+            r.expect("an app connection's requests");
+        }
+    })
+    .await
+    .expect("1,200 requests finished");
+    assert_eq!(
+        metric(
+            &amb,
+            "wasmbassador_http_requests_total{listener=\"h1\",class=\"2xx\"}"
+        ),
+        1200.0
+    );
+    // Both threads did a fair share of the work: four app connections each.
+    let after = connection_threads();
+    let worked: Vec<u64> = after
+        .iter()
+        .map(|(name, cpu)| cpu - before.get(name).copied().unwrap_or(0))
+        .collect();
+    let total: u64 = worked.iter().sum();
+    assert!(
+        worked.iter().all(|w| *w * 5 >= total),
+        "each connection thread did at least a fifth of the work: {worked:?} ns"
+    );
+    // Each thread pools its own upstream connections: about one per app connection in
+    // flight on it (hyper's pool may race a connect against a connection coming back),
+    // each reused for many requests.
+    let opened = one.accepted();
+    assert!(
+        (2..=16).contains(&opened),
+        "1,200 requests over 8 app connections opened {opened} upstream TLS connections"
+    );
+    amb.shutdown().await;
+    assert!(
+        connection_threads().is_empty(),
+        "the connection threads stop with the ambassador: {:?}",
+        connection_threads()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_new_app_connections_reuse_a_handful_of_upstream_connections() {
     let pki = Pki::new();

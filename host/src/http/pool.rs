@@ -51,8 +51,8 @@ pub struct Pool {
     pub max_lifetime: Duration,
     /// `http.retry`.
     pub retry: crate::config::HttpRetryConfig,
-    /// Retries left to this upstream's requests.
-    pub budget: super::retry::Budget,
+    /// Retries left to this upstream's requests (one budget for all its pools).
+    pub budget: Arc<super::retry::Budget>,
 }
 
 impl Pool {
@@ -84,7 +84,7 @@ impl Pool {
             authority: super::headers::upstream_authority(&upstream.config),
             max_lifetime: cfg.max_lifetime,
             retry: cfg.retry.clone(),
-            budget: super::retry::Budget::new(&cfg.retry),
+            budget: upstream.http_budget.clone(),
         }
     }
 
