@@ -65,7 +65,7 @@ impl Ctx {
         parts.headers.remove(HOST);
         let mut info = RequestInfo {
             listener: self.st.config.name.clone(),
-            client_addr: self.peer.to_string(),
+            client_addr: self.client_addr.get_or_init(|| self.peer.to_string()).clone(),
             method: parts.method.as_str().to_string(),
             path: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
             authority,

@@ -71,7 +71,12 @@ pub async fn serve(
     let hard_stop = shared.hard_stop.clone();
     let idle = st.config.idle_timeout;
     let listener = st.config.name.clone();
-    let ctx = Arc::new(Ctx { shared, st, peer });
+    let ctx = Arc::new(Ctx {
+        shared,
+        st,
+        peer,
+        client_addr: std::sync::OnceLock::new(),
+    });
     let for_counters = ctx.clone();
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
@@ -153,6 +158,8 @@ struct Ctx {
     shared: Arc<Shared>,
     st: Arc<ListenerState>,
     peer: SocketAddr,
+    /// `peer` as text for the plugins, made once per connection.
+    client_addr: std::sync::OnceLock<String>,
 }
 
 /// Where a request goes, after the plugins.

@@ -13,6 +13,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::histogram::Histogram;
+use rustc_hash::FxHashMap;
 
 use super::bindings::Level;
 use super::bindings::wasmbassador::plugin::{host, http_types, types};
@@ -128,6 +129,21 @@ pub struct HostState {
     pub last_error_log: Option<String>,
     /// Epoch ticks the current call may still be seen running (the per-call deadline).
     pub ticks_left: u64,
+    /// Series this instance recorded into before, by metric name and label values. A
+    /// plugin records into the same few series on every call; a hit skips the shared
+    /// metric map, building the full label list, and the family's own lookup.
+    series: FxHashMap<(String, Vec<String>), Series>,
+}
+
+/// Most series one instance keeps in [`HostState::series`]; past it the cache starts
+/// over (the shared metric map still has every series).
+const CACHED_SERIES: usize = 256;
+
+/// One series of a plugin metric.
+#[derive(Debug, Clone)]
+enum Series {
+    Counter(Counter),
+    Histogram(Histogram),
 }
 
 impl HostState {
@@ -139,6 +155,7 @@ impl HostState {
             limiter: MemoryLimiter { cap, hit: false },
             last_error_log: None,
             ticks_left: 0,
+            series: FxHashMap::default(),
         }
     }
 }
@@ -153,6 +170,32 @@ impl types::Host for HostState {}
 impl http_types::Host for HostState {}
 
 impl HostState {
+    fn record(&mut self, name: String, values: Vec<String>, what: Record) {
+        let key = (name, values);
+        if let Some(series) = self.series.get(&key) {
+            match (series, what) {
+                (Series::Counter(c), Record::Add(n)) => {
+                    c.inc_by(n);
+                    return;
+                }
+                (Series::Histogram(h), Record::Observe(v)) => {
+                    h.observe(v);
+                    return;
+                }
+                // A counter record for a histogram or the other way round: the shared
+                // map counts it as dropped (and is not cached).
+                _ => {}
+            }
+        }
+        let (name, values) = key;
+        if let Some(series) = self.ctx.metrics.record(&self.ctx, &name, values.clone(), what) {
+            if self.series.len() >= CACHED_SERIES {
+                self.series.clear();
+            }
+            self.series.insert((name, values), series);
+        }
+    }
+
     fn mark_unused(&self, index: usize) {
         // Every instance of the version says the same; the first one decides.
         if !self.ctx.unused[index].swap(true, std::sync::atomic::Ordering::Relaxed) {
@@ -205,9 +248,7 @@ impl host::Host for HostState {
     }
 
     fn counter_add(&mut self, name: String, label_values: Vec<String>, value: u64) {
-        self.ctx
-            .metrics
-            .record(&self.ctx, &name, label_values, Record::Add(value));
+        self.record(name, label_values, Record::Add(value));
     }
 
     fn define_histogram(
@@ -234,9 +275,7 @@ impl host::Host for HostState {
 
     fn histogram_observe(&mut self, name: String, label_values: Vec<String>, value: f64) {
         if !value.is_nan() {
-            self.ctx
-                .metrics
-                .record(&self.ctx, &name, label_values, Record::Observe(value));
+            self.record(name, label_values, Record::Observe(value));
         }
     }
 
@@ -394,60 +433,60 @@ impl PluginMetrics {
         Ok(())
     }
 
-    fn record(&self, ctx: &PluginContext, name: &str, values: Vec<String>, what: Record) {
+    /// Records into the series of `name` with label `values`, creating it within the
+    /// cap; returns the series, or `None` when the record was dropped.
+    fn record(&self, ctx: &PluginContext, name: &str, values: Vec<String>, what: Record) -> Option<Series> {
         // A read lock: records from many workers go on in parallel (each family
         // locks per series itself); only declarations take the write lock.
-        let Ok(all) = self.metrics.read() else { return };
+        let all = self.metrics.read().ok()?;
         let Some(m) = all.get(name) else {
             self.dropped.inc();
-            return;
+            return None;
         };
         if values.len() != m.labels.len() {
             self.dropped.inc();
-            return;
+            return None;
+        }
+        if !matches!(
+            (&m.kind, what),
+            (Kind::Counter(_), Record::Add(_)) | (Kind::Histogram(_), Record::Observe(_))
+        ) {
+            // A counter record for a histogram or the other way round.
+            self.dropped.inc();
+            return None;
         }
         let mut labels: Labels = Vec::with_capacity(values.len() + 1);
         labels.push(("plugin".to_string(), ctx.name.clone()));
         labels.extend(m.labels.iter().cloned().zip(values));
-        // An existing series, the common case, is found with one lookup.
-        match (&m.kind, &what) {
-            (Kind::Counter(f), Record::Add(n)) => {
-                if let Some(c) = f.get(&labels) {
-                    c.inc_by(*n);
-                    return;
+        let existing = match &m.kind {
+            Kind::Counter(f) => f.get(&labels).map(|c| Series::Counter(c.clone())),
+            Kind::Histogram(f) => f.get(&labels).map(|h| Series::Histogram(h.clone())),
+        };
+        let series = match existing {
+            Some(s) => s,
+            None => {
+                // A new series, if the cap allows one more. Two workers creating the
+                // same series at once may count it twice; the cap errs on the low side.
+                use std::sync::atomic::Ordering;
+                if m.series.fetch_add(1, Ordering::Relaxed) >= MAX_SERIES {
+                    m.series.fetch_sub(1, Ordering::Relaxed);
+                    self.dropped.inc();
+                    return None;
+                }
+                match &m.kind {
+                    Kind::Counter(f) => Series::Counter(f.get_or_create(&labels).clone()),
+                    Kind::Histogram(f) => Series::Histogram(f.get_or_create(&labels).clone()),
                 }
             }
-            (Kind::Histogram(f), Record::Observe(v)) => {
-                if let Some(h) = f.get(&labels) {
-                    h.observe(*v);
-                    return;
-                }
+        };
+        match (&series, what) {
+            (Series::Counter(c), Record::Add(n)) => {
+                c.inc_by(n);
             }
-            // A counter record for a histogram or the other way round.
-            _ => {
-                self.dropped.inc();
-                return;
-            }
+            (Series::Histogram(h), Record::Observe(v)) => h.observe(v),
+            _ => {}
         }
-        // A new series, if the cap allows one more. Two workers creating the same
-        // series at once may count it twice; the cap errs on the low side.
-        {
-            use std::sync::atomic::Ordering;
-            if m.series.fetch_add(1, Ordering::Relaxed) >= MAX_SERIES {
-                m.series.fetch_sub(1, Ordering::Relaxed);
-                self.dropped.inc();
-                return;
-            }
-        }
-        match (&m.kind, what) {
-            (Kind::Counter(f), Record::Add(n)) => {
-                f.get_or_create(&labels).inc_by(n);
-            }
-            (Kind::Histogram(f), Record::Observe(v)) => f.get_or_create(&labels).observe(v),
-            _ => {
-                self.dropped.inc();
-            }
-        }
+        Some(series)
     }
 }
 
