@@ -53,8 +53,8 @@ impl Ctx {
             };
             return self.forward(req, &plan, &mut Trace::default()).await;
         }
+        // Hop-by-hop fields went in `proxy`.
         let (mut parts, body) = req.into_parts();
-        super::headers::strip_hop_by_hop(&mut parts.headers, true);
         let authority = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
             parts
                 .headers

@@ -186,7 +186,12 @@ struct Trace {
 }
 
 impl Ctx {
-    async fn proxy(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn proxy(&self, mut req: Request<Incoming>) -> Response<Body> {
+        // Once, for the plugins and the upstream alike; an upgrade keeps its
+        // `Connection` and `Upgrade` until `upgrade` sets up the next hop.
+        if !headers::wants_upgrade(&req) {
+            headers::strip_hop_by_hop(req.headers_mut(), true);
+        }
         let resp = if self.st.config.plugins.is_empty() {
             let plan = Plan {
                 upstream: &self.st.config.upstream,
@@ -209,6 +214,8 @@ impl Ctx {
         resp
     }
 
+    /// Sends the request where `plan` says; its hop-by-hop fields are already gone
+    /// (see `proxy`), unless it asks for an upgrade.
     async fn forward(&self, req: Request<Incoming>, plan: &Plan<'_>, trace: &mut Trace) -> Response<Body> {
         let name = plan.upstream;
         if req.method() == http::Method::CONNECT {
@@ -258,7 +265,7 @@ impl Ctx {
         };
         let received = req.version();
         let (mut parts, body) = req.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers, true);
+        // Hop-by-hop fields went in `proxy`.
         headers::add_via(&mut parts.headers, received);
         // The URI's authority becomes `Host` (HTTP/1.1, added by the pool) or
         // `:authority` (HTTP/2); a `Host` from the app would contradict it.

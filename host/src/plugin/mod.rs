@@ -3,7 +3,8 @@
 //!
 //! Instances are reused: a call takes an initialized instance of the plugin version
 //! from a small idle list (or makes one and runs `init`), and puts it back after a
-//! successful call. A trap, timeout or memory overrun throws the instance away. A
+//! successful call. Each thread has its own list (by [`IDLE_SLOTS`]), so that
+//! connection threads calling the same plugin do not contend for one lock. A trap, timeout or memory overrun throws the instance away. A
 //! connection holds the versions it started with ([`chain::Chain`]), so a swap never
 //! changes a connection midway.
 
@@ -37,8 +38,29 @@ pub use load::LoadError;
 use crate::config::{OnError, PluginConfig};
 use crate::metrics::{Metrics, PluginHookLabels, PluginLabels, PluginResultLabels};
 
-/// Initialized instances kept per plugin version.
-const IDLE_INSTANCES: usize = 32;
+/// Idle lists per plugin version; a thread uses one of them (connection thread `i`
+/// uses list `i % IDLE_SLOTS`).
+const IDLE_SLOTS: usize = 8;
+/// Initialized instances kept per idle list: a thread runs one call at a time, so a
+/// few cover a reload racing a call.
+const IDLE_PER_SLOT: usize = 4;
+
+/// One idle list, on a cache line of its own.
+#[derive(Default)]
+#[repr(align(64))]
+struct IdleSlot(Mutex<Vec<Warm>>);
+
+/// The idle list of the calling thread.
+fn idle_slot() -> usize {
+    use std::sync::atomic::AtomicUsize;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SLOT: usize = crate::workers::current()
+            .unwrap_or_else(|| NEXT.fetch_add(1, Ordering::Relaxed))
+            % IDLE_SLOTS;
+    }
+    SLOT.with(|s| *s)
+}
 
 /// Why one hook call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -135,7 +157,7 @@ pub struct Loaded {
     http_hooks: Option<http_hooks::GuestIndices>,
     ctx: Arc<PluginContext>,
     config_json: String,
-    idle: Mutex<Vec<Warm>>,
+    idle: [IdleSlot; IDLE_SLOTS],
     stats: Arc<Stats>,
     metrics: Arc<Metrics>,
     on_connect_metrics: HookMetrics,
@@ -238,7 +260,8 @@ impl Loaded {
         let started = Instant::now();
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         metrics.calls.inc();
-        let warm = self.idle.lock().ok().and_then(|mut v| v.pop());
+        let idle = &self.idle[idle_slot()].0;
+        let warm = idle.lock().ok().and_then(|mut v| v.pop());
         let result = match warm.map(Ok).unwrap_or_else(|| self.fresh()) {
             Err(e) => Err(e),
             Ok(mut w) => {
@@ -248,8 +271,8 @@ impl Loaded {
                 w.store.set_epoch_deadline(1);
                 match f(&mut w.store, &w.guests) {
                     Ok(r) => {
-                        if let Ok(mut idle) = self.idle.lock()
-                            && idle.len() < IDLE_INSTANCES
+                        if let Ok(mut idle) = idle.lock()
+                            && idle.len() < IDLE_PER_SLOT
                         {
                             idle.push(w);
                         }
@@ -440,7 +463,7 @@ fn build(
         http_hooks: compiled.http_hooks,
         ctx: compiled.ctx,
         config_json,
-        idle: Mutex::new(Vec::new()),
+        idle: Default::default(),
         stats,
         metrics: shared.metrics.clone(),
         on_connect_metrics: HookMetrics::new(&shared.metrics, &config.name, "on_connect"),
@@ -455,7 +478,7 @@ fn build(
         path: config.path.clone(),
         reason: e.to_string(),
     })?;
-    if let Ok(mut idle) = loaded.idle.lock() {
+    if let Ok(mut idle) = loaded.idle[idle_slot()].0.lock() {
         idle.push(warm);
     }
     Ok(loaded)
