@@ -11,12 +11,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 use wasmbassador::{Ambassador, Config, demo, reload};
 
-/// mimalloc rather than glibc's malloc: a proxied request allocates and frees many
-/// small buffers and header values, and glibc's malloc showed as a tenth of the CPU
-/// per HTTP request in profiles (docs/benchmarks.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "wasmbassador",
