@@ -73,16 +73,6 @@ impl Workers {
         w.open.fetch_add(1, Ordering::Relaxed);
         (&w.handle, Assigned { open: w.open.clone() })
     }
-
-    /// How many threads there are.
-    pub fn len(&self) -> usize {
-        self.threads.len()
-    }
-
-    /// Always false: there is at least one thread.
-    pub fn is_empty(&self) -> bool {
-        self.threads.is_empty()
-    }
 }
 
 /// The running threads; dropping this stops them (tasks still on them are dropped,
