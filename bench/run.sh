@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark on loopback, all in one run:
 #   direct  vs  wasmbassador  vs  HAProxy (tcp mode; skipped if not installed)
-# - bulk throughput with iperf3 (plain-text upstream, so the proxies do the same work)
+# - bulk throughput with iperf3 (plain-text upstream, so the proxies do the same work),
+#   also through bench/relay.py, a bare splice(2) relay: the floor for any user-space
+#   relay on this machine
 # - pgbench -S -c 8 TPS against a real PostgreSQL 15 (plain, and TLS upstream for wasmbassador)
 # - new connections per second: pgbench -S -C (a new connection per transaction)
 # - wasmbassador RSS idle and with 1,000 open connections (HAProxy's too, for scale)
@@ -158,6 +160,12 @@ EOF
   wait_port "$H_PG" || { echo "haproxy did not start" >&2; exit 1; }
 fi
 
+# --- the reference splice relay ------------------------------------------------------
+R_IPERF=$(free_port)
+python3 bench/relay.py "$R_IPERF" "$IPORT" &
+PIDS+=($!)
+wait_port "$R_IPERF"
+
 WB_IDLE_RSS=$(rss_kib "$WB_PID")
 
 iperf() { # port -> Gbit/s (receiver)
@@ -195,7 +203,7 @@ measure() { # key command... : appends one result to RUNS[key]
 }
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round of $ROUNDS: iperf3, pgbench -S -c $CLIENTS, pgbench -S -C (${SECS}s each)" >&2
-  measure i_direct iperf "$IPORT"; measure i_wb iperf "$W_IPERF"
+  measure i_direct iperf "$IPORT"; measure i_wb iperf "$W_IPERF"; measure i_relay iperf "$R_IPERF"
   if [ $HAVE_HA = 1 ]; then measure i_ha iperf "$H_IPERF"; measure i_has iperf "$H_SPLICE"; fi
   measure p_direct pgb "$PGPORT" disable; measure p_wb pgb "$W_PG" disable
   [ $HAVE_HA = 1 ] && measure p_ha pgb "$H_PG" disable
@@ -205,7 +213,7 @@ for round in $(seq 1 "$ROUNDS"); do
   measure ct_direct pgb "$PGPORT" verify-ca -C; measure ct_wb pgb "$W_PGTLS" disable -C
 done
 m() { median ${RUNS[$1]:-}; }
-I_DIRECT=$(m i_direct); I_WB=$(m i_wb); I_HA=$(m i_ha); I_HAS=$(m i_has)
+I_DIRECT=$(m i_direct); I_WB=$(m i_wb); I_HA=$(m i_ha); I_HAS=$(m i_has); I_RELAY=$(m i_relay)
 P_DIRECT=$(m p_direct); P_WB=$(m p_wb); P_HA=$(m p_ha)
 P_DIRECT_TLS=$(m pt_direct); P_WB_TLS=$(m pt_wb)
 C_DIRECT=$(m c_direct); C_WB=$(m c_wb); C_HA=$(m c_ha)
@@ -224,6 +232,7 @@ wasmbassador $("$WB" --version | awk '{print $2}') benchmark, $(date -u +%Y-%m-%
 |---|---|---|---|---|---|
 | iperf3 throughput, Gbit/s | $I_DIRECT | $I_WB | $I_HA | $(ratio "$I_WB" "$I_DIRECT") | $(ratio "$I_WB" "$I_HA") |
 | iperf3 throughput, Gbit/s, HAProxy with \`option splice-auto\` | $I_DIRECT | $I_WB | $I_HAS | $(ratio "$I_WB" "$I_DIRECT") | $(ratio "$I_WB" "$I_HAS") |
+| iperf3 throughput, Gbit/s, bare splice relay (bench/relay.py) in the HAProxy column | $I_DIRECT | $I_WB | $I_RELAY | $(ratio "$I_WB" "$I_DIRECT") | $(ratio "$I_WB" "$I_RELAY") |
 | pgbench -S -c $CLIENTS TPS, plain upstream | $P_DIRECT | $P_WB | $P_HA | $(ratio "$P_WB" "$P_DIRECT") | $(ratio "$P_WB" "$P_HA") |
 | pgbench -S -c $CLIENTS TPS, TLS upstream (direct = TLS end to end) | $P_DIRECT_TLS | $P_WB_TLS | - | $(ratio "$P_WB_TLS" "$P_DIRECT_TLS") | - |
 | new connections/s (pgbench -S -C), plain upstream | $C_DIRECT | $C_WB | $C_HA | $(ratio "$C_WB" "$C_DIRECT") | $(ratio "$C_WB" "$C_HA") |

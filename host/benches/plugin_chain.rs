@@ -67,8 +67,12 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds every plugin with the documented command and returns the output folder.
+/// Builds every plugin with the documented command and returns the output folder;
+/// `PLUGIN_DIR=folder` skips the build and loads the `.wasm` files found there.
 fn build_plugins() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PLUGIN_DIR") {
+        return PathBuf::from(dir);
+    }
     let target = match std::env::var_os("CARGO_TARGET_DIR") {
         Some(t) => PathBuf::from(t).join("wasm-plugins"),
         None => repo().join("plugins/target"),
@@ -181,7 +185,12 @@ config = {{ routes = {{ orders = "orders", reporting = "tag:replica" }} }}
 name = "access-log"
 path = {log}
 on_error = "allow"
+
+[[plugin]]
+name = "allow-all"
+path = {all}
 "#,
+        all = toml_path(&wasm(dir, "allow-all")),
         allow = toml_path(&wasm(dir, "allow-list")),
         route = toml_path(&wasm(dir, "route-by-database")),
         log = toml_path(&wasm(dir, "access-log")),
@@ -316,7 +325,11 @@ fn time_chain(plugins: &Arc<ArcSwap<PluginMap>>, names: &[String], per_batch: us
 fn chain_bench(dir: &Path) -> Vec<ChainRow> {
     let plugins = Arc::new(ArcSwap::from_pointee(chain_plugins(dir)));
     let per_batch = env_usize("CHAIN_CONNS", 20_000);
-    let chains: [(&str, &[&str]); 5] = [
+    let chains: [(&str, &[&str]); 6] = [
+        (
+            "allow-all alone (on-connect answers allow, reads nothing)",
+            &["allow-all"],
+        ),
         ("0 plugins", &[]),
         ("1 plugin (allow-list)", &["allow-list"]),
         (

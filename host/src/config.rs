@@ -112,6 +112,13 @@ pub struct ListenerConfig {
 /// `listener.request_timeout` when left out.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The most `listener.max_connections` may be (far beyond what one process holds
+/// open; the limit is a semaphore, which refuses more than `usize::MAX >> 3` permits).
+pub const MAX_CONNECTIONS: usize = 1 << 24;
+
+/// The most `plugin.timeout` may be.
+pub const MAX_PLUGIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn default_max_connections() -> usize {
     10_000
 }
@@ -812,8 +819,12 @@ impl Checker<'_> {
                     ),
                 );
             }
-            if l.max_connections == 0 {
-                report(&label, Some("max_connections"), "must be at least 1".into());
+            if l.max_connections == 0 || l.max_connections > MAX_CONNECTIONS {
+                report(
+                    &label,
+                    Some("max_connections"),
+                    format!("must be between 1 and {MAX_CONNECTIONS}"),
+                );
             }
             for p in &l.plugins {
                 if !plugin_names.contains(p.as_str()) {
@@ -993,8 +1004,12 @@ impl Checker<'_> {
             {
                 report(&label, Some("sha256"), "must be 64 hex digits".into());
             }
-            if p.timeout.is_zero() {
-                report(&label, Some("timeout"), "must be more than 0s".into());
+            if p.timeout.is_zero() || p.timeout > MAX_PLUGIN_TIMEOUT {
+                report(
+                    &label,
+                    Some("timeout"),
+                    "must be more than 0s and at most 5s: a hook call holds up the other connections of its connection thread".into(),
+                );
             }
             if p.memory < (1 << 20) || p.memory > crate::plugin::engine::MAX_PLUGIN_MEMORY {
                 report(&label, Some("memory"), "must be between 1MiB and 1GiB".into());
@@ -1074,15 +1089,27 @@ fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     }
 }
 
+/// The longest duration any key takes. Deadlines are `Instant + Duration`, which
+/// overflows (a panic) for durations of centuries; nothing here needs more than a year.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Err(e) => Err(format!("{s:?} is not a duration like \"250ms\" or \"5s\": {e}")),
+        Ok(d) if d > MAX_DURATION => Err(format!(
+            "{s:?} is longer than the most a duration may be (365 days)"
+        )),
+        Ok(d) => Ok(d),
+    }
+}
+
 mod duration {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|e| {
-            serde::de::Error::custom(format!("{s:?} is not a duration like \"250ms\" or \"5s\": {e}"))
-        })
+        super::parse_duration(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -1092,9 +1119,9 @@ mod opt_duration {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map(Some).map_err(|e| {
-            serde::de::Error::custom(format!("{s:?} is not a duration like \"250ms\" or \"5s\": {e}"))
-        })
+        super::parse_duration(&s)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -1173,6 +1200,46 @@ tls = { server_name = "x" }
             "{shown}"
         );
         assert_eq!(e.problems.len(), 5, "{shown}");
+    }
+
+    #[test]
+    fn values_past_what_the_process_can_hold_are_refused_with_their_line() {
+        let text = r#"
+[[listener]]
+name = "a"
+listen = "127.0.0.1:5432"
+upstream = "u"
+max_connections = 9223372036854775807
+plugins = ["p"]
+
+[[listener]]
+name = "b"
+listen = "127.0.0.1:5433"
+upstream = "u"
+idle_timeout = "500years"
+
+[[upstream]]
+name = "u"
+eject = { for = "100000days" }
+  [[upstream.endpoint]]
+  address = "127.0.0.1:1"
+
+[[plugin]]
+name = "p"
+path = "p.wasm"
+timeout = "6s"
+"#;
+        let shown = Config::parse(text, "t.toml")
+            .expect_err("must be refused")
+            .to_string();
+        for want in [
+            "line 6: listener \"a\".max_connections: must be between 1 and 16777216",
+            "line 13: listener \"b\".idle_timeout: \"500years\" is longer than the most a duration may be",
+            "line 17: upstream \"u\".eject.for: \"100000days\" is longer",
+            "line 24: plugin \"p\".timeout: must be more than 0s and at most 5s",
+        ] {
+            assert!(shown.contains(want), "{want:?} missing from:\n{shown}");
+        }
     }
 
     #[test]

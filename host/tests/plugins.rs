@@ -459,6 +459,46 @@ async fn the_chain_runs_in_listener_order_first_deny_wins_last_route_wins_and_on
     amb.shutdown().await;
 }
 
+/// SDK plugins get the connection's text fields packed into one string (WIT 0.1.3
+/// `packed-hooks`); the `echo` plugin answers with every field it unpacked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_field_reaches_an_sdk_plugin_whole() {
+    let mut config = String::from(ADMIN);
+    // Never contacted: echo refuses every connection.
+    config.push_str(
+        "\n[[upstream]]\nname = \"nowhere\"\n  [[upstream.endpoint]]\n  address = \"127.0.0.1:9\"\n",
+    );
+    config.push_str(&listener("echo", "nowhere", &["echo"]));
+    config.push_str(&plugin("echo", &wasm("echo"), ""));
+    let amb = start_in_process(&config).await;
+    let listen = amb.listener_addr("echo").expect("listener is bound");
+    let mut pg = tokio_postgres::Config::new();
+    pg.host("127.0.0.1")
+        .port(listen.port())
+        .user("app")
+        .dbname("orders")
+        .application_name("ψ-echo")
+        .options("-c search_path=echo")
+        .connect_timeout(PATIENCE);
+    let err = match pg.connect(NoTls).await {
+        Ok(_) => panic!("echo refuses every connection"),
+        Err(e) => e,
+    };
+    let message = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("the refusal is not an ErrorResponse: {}", error_text(&err)))
+        .message()
+        .to_string();
+    let expected = "listener=echo protocol=postgres client_ip=127.0.0.1 upstream=nowhere \
+                    startup=[user=app database=orders application_name=ψ-echo ";
+    assert!(message.starts_with(expected), "{message}");
+    // The other parameters follow in the order tokio-postgres sent them.
+    for other in ["client_encoding=UTF8", "options=-c search_path=echo"] {
+        assert!(message.contains(other), "{other} missing: {message}");
+    }
+    amb.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hooks_left_at_their_default_are_no_longer_called_and_a_0_1_0_plugin_still_runs() {
     let pki = Pki::new();
@@ -527,7 +567,7 @@ async fn hooks_left_at_their_default_are_no_longer_called_and_a_0_1_0_plugin_sti
     for n in 1..=2 {
         let (code, message) = refusal(addr("old"), "app", "orders", "compat").await;
         assert_eq!(code, SqlState::INVALID_AUTHORIZATION_SPECIFICATION);
-        assert_eq!(message, "built against 0.1.0");
+        assert_eq!(message, "built against 0.1.0; host clock ticking");
         wait_until(PATIENCE, "the 0.1.0 plugin's on_close ran", || async {
             calls("compat", "on_close") >= f64::from(n)
         })
@@ -535,6 +575,14 @@ async fn hooks_left_at_their_default_are_no_longer_called_and_a_0_1_0_plugin_sti
     }
     assert_eq!(calls("compat", "on_connect"), 2.0);
     assert_eq!(calls("compat", "on_close"), 2.0);
+    // Its on-close logs through the host (`host@0.1.0`, linked to this host's newer
+    // 0.1.x): that call must not trap.
+    let failures = amb.shared().metrics.encode();
+    for hook in ["on_connect", "on_close"] {
+        let sample =
+            format!("wasmbassador_plugin_failures_total{{plugin=\"compat\",hook=\"{hook}\",kind=\"trap\"}}");
+        assert_eq!(metric_value(&failures, &sample), 0.0, "{sample}\n{failures}");
+    }
 
     amb.shutdown().await;
 }
@@ -692,7 +740,7 @@ fn validate_accepts_each_plugin_example_and_names_the_file_and_step_of_a_bad_plu
         (
             "future",
             &future,
-            "built against wasmbassador:plugin@0.1.9, newer than the 0.1.2 this wasmbassador implements",
+            "built against wasmbassador:plugin@0.1.9, newer than the 0.1.3 this wasmbassador implements",
         ),
         ("bad-config", &allow_list, "init failed"),
     ] {

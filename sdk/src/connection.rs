@@ -4,6 +4,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use crate::__private::bindings::exports::wasmbassador::plugin::packed_hooks::{CloseSpans, ConnectSpans};
 use crate::__private::bindings::wasmbassador::plugin::types as wit;
 
 /// How the listener that accepted a connection reads its start (`listener.protocol`).
@@ -381,6 +382,72 @@ impl From<wit::CloseInfo> for Closed {
     }
 }
 
+/// A span of `packed-hooks` that holds no value.
+const ABSENT: u64 = u64::MAX;
+
+/// The text of one span of a packed hook argument: `None` for `absent`, and also for a
+/// span that does not lie in `text` on character boundaries (a host bug, answered like
+/// a missing value rather than with a trap).
+fn span(text: &str, span: u64) -> Option<&str> {
+    if span == ABSENT {
+        return None;
+    }
+    let start = usize::try_from(span >> 32).ok()?;
+    let len = usize::try_from(span & 0xffff_ffff).ok()?;
+    text.get(start..start.checked_add(len)?)
+}
+
+fn owned(text: &str, s: u64) -> Option<String> {
+    span(text, s).map(str::to_owned)
+}
+
+/// `packed-hooks.on-connect`'s argument as the `connect-info` of `hooks.on-connect`.
+pub(crate) fn unpack_connect(text: &str, s: &ConnectSpans) -> Connection {
+    let postgres = (s.protocol == wit::Protocol::Postgres).then(|| wit::PostgresStartup {
+        user: owned(text, s.user),
+        database: owned(text, s.database),
+        application_name: owned(text, s.application_name),
+        // `name NUL value NUL` pairs.
+        parameters: span(text, s.parameters)
+            .map(|pairs| {
+                let mut fields = pairs.split('\0');
+                let mut out = Vec::new();
+                while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+                    out.push((name.to_owned(), value.to_owned()));
+                }
+                out
+            })
+            .unwrap_or_default(),
+    });
+    Connection {
+        info: wit::ConnectInfo {
+            listener: owned(text, s.listener).unwrap_or_default(),
+            protocol: s.protocol,
+            client_addr: owned(text, s.client_addr).unwrap_or_default(),
+            upstream: owned(text, s.upstream).unwrap_or_default(),
+            postgres,
+        },
+    }
+}
+
+/// `packed-hooks.on-close`'s argument as the `close-info` of `hooks.on-close`.
+pub(crate) fn unpack_close(text: &str, s: &CloseSpans) -> Closed {
+    Closed {
+        info: wit::CloseInfo {
+            listener: owned(text, s.listener).unwrap_or_default(),
+            client_addr: owned(text, s.client_addr).unwrap_or_default(),
+            upstream: owned(text, s.upstream),
+            endpoint: owned(text, s.endpoint),
+            bytes_to_upstream: s.bytes_to_upstream,
+            bytes_to_client: s.bytes_to_client,
+            duration_ns: s.duration_ns,
+            outcome: s.outcome,
+            user: owned(text, s.user),
+            database: owned(text, s.database),
+        },
+    }
+}
+
 fn parse_ip(addr: &str) -> Option<IpAddr> {
     let ip = match addr.parse::<SocketAddr>() {
         Ok(socket) => socket.ip(),
@@ -431,6 +498,90 @@ mod tests {
             (None, None, Protocol::Tcp)
         );
         assert_eq!(c.startup_parameters().count(), 0);
+    }
+
+    /// `start << 32 | len` of `field` in `text`.
+    fn at(text: &str, field: &str) -> u64 {
+        let start = text.find(field).expect("field in text") as u64;
+        start << 32 | field.len() as u64
+    }
+
+    #[test]
+    fn packed_connect_info_unpacks_to_the_same_connection() {
+        let text = "pg[::1]:9mainappordersψ-appoptions\0-c x=1\0replication\0on\0";
+        let c = unpack_connect(
+            text,
+            &ConnectSpans {
+                listener: at(text, "pg"),
+                protocol: wit::Protocol::Postgres,
+                client_addr: at(text, "[::1]:9"),
+                upstream: at(text, "main"),
+                user: at(text, "app"),
+                database: at(text, "orders"),
+                application_name: at(text, "ψ-app"),
+                parameters: at(text, "options\0-c x=1\0replication\0on\0"),
+            },
+        );
+        assert_eq!(
+            (c.listener(), c.client_addr(), c.upstream(), c.protocol()),
+            ("pg", "[::1]:9", "main", Protocol::Postgres)
+        );
+        assert_eq!(
+            c.startup_parameters().collect::<Vec<_>>(),
+            [
+                ("user", "app"),
+                ("database", "orders"),
+                ("application_name", "ψ-app"),
+                ("options", "-c x=1"),
+                ("replication", "on"),
+            ]
+        );
+
+        // A tcp connection: no startup fields. A span outside the text (a host bug)
+        // reads as a missing value, never a trap.
+        let c = unpack_connect(
+            "raw10.0.0.1:1u",
+            &ConnectSpans {
+                listener: at("raw10.0.0.1:1u", "raw"),
+                protocol: wit::Protocol::Tcp,
+                client_addr: at("raw10.0.0.1:1u", "10.0.0.1:1"),
+                upstream: 999 << 32 | 4,
+                user: ABSENT,
+                database: ABSENT,
+                application_name: ABSENT,
+                parameters: ABSENT,
+            },
+        );
+        assert_eq!((c.listener(), c.upstream(), c.db_user()), ("raw", "", None));
+        assert_eq!(c.client_ip(), Some("10.0.0.1".parse().expect("ip")));
+        assert_eq!(c.startup_parameters().count(), 0);
+    }
+
+    #[test]
+    fn packed_close_info_unpacks_to_the_same_closed() {
+        let text = "pg127.0.0.1:9orders10.0.0.5:5432";
+        let c = unpack_close(
+            text,
+            &CloseSpans {
+                listener: at(text, "pg"),
+                client_addr: at(text, "127.0.0.1:9"),
+                upstream: at(text, "orders"),
+                endpoint: at(text, "10.0.0.5:5432"),
+                bytes_to_upstream: 7,
+                bytes_to_client: 8,
+                duration_ns: 9,
+                outcome: wit::Outcome::Denied,
+                user: ABSENT,
+                database: at(text, "orders"),
+            },
+        );
+        assert_eq!(
+            (c.listener(), c.client_addr(), c.upstream(), c.endpoint()),
+            ("pg", "127.0.0.1:9", Some("orders"), Some("10.0.0.5:5432"))
+        );
+        assert_eq!((c.db_user(), c.database()), (None, Some("orders")));
+        assert_eq!((c.bytes_to_upstream(), c.bytes_to_client()), (7, 8));
+        assert_eq!(c.outcome(), Outcome::Denied);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! calls at fixed points in the life of every connection of the listeners that list it.
 //! With this crate a plugin is one type that implements [`Plugin`] and one
 //! [`export_plugin!`] line; the WIT interface underneath (`wit/plugin.wit` in this crate,
-//! package `wasmbassador:plugin@0.1.2`) stays out of sight.
+//! package `wasmbassador:plugin@0.1.3`) stays out of sight.
 //!
 //! # Hooks, in the order they run
 //!
@@ -187,6 +187,19 @@ macro_rules! export_plugin {
                 }
             }
 
+            impl $crate::__private::PackedGuest for Exports {
+                fn on_connect(
+                    text: ::std::string::String,
+                    info: $crate::__private::ConnectSpans,
+                ) -> $crate::__private::WitVerdict {
+                    $crate::__private::on_connect_packed(text, info)
+                }
+
+                fn on_close(text: ::std::string::String, info: $crate::__private::CloseSpans) {
+                    $crate::__private::on_close_packed(text, info)
+                }
+            }
+
             impl $crate::__private::HttpGuest for Exports {
                 fn on_request(info: $crate::__private::RequestInfo) -> $crate::__private::RequestAction {
                     $crate::__private::on_request(info)
@@ -207,9 +220,14 @@ macro_rules! export_plugin {
 /// Not public API: the generated bindings and the glue [`export_plugin!`] expands to.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::runtime::{init, on_close, on_connect, on_request, on_response};
+    pub use crate::runtime::{
+        init, on_close, on_close_packed, on_connect, on_connect_packed, on_request, on_response,
+    };
     pub use bindings::exports::wasmbassador::plugin::hooks::Guest;
     pub use bindings::exports::wasmbassador::plugin::http_hooks::Guest as HttpGuest;
+    pub use bindings::exports::wasmbassador::plugin::packed_hooks::{
+        CloseSpans, ConnectSpans, Guest as PackedGuest,
+    };
     pub use bindings::wasmbassador::plugin::http_types::{
         HeaderEdit as WitHeaderEdit, RequestAction, RequestInfo, ResponseInfo,
     };
@@ -219,7 +237,7 @@ pub mod __private {
     pub mod bindings {
         wit_bindgen::generate!({
             path: "wit",
-            world: "http-plugin",
+            world: "packed-plugin",
             // Imports take borrowed arguments (`&str`, `&[&str]`), so host calls need no
             // copies on the guest side.
             ownership: Borrowing { duplicate_if_necessary: false },

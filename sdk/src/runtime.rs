@@ -3,6 +3,7 @@
 
 use std::cell::{Cell, RefCell};
 
+use crate::__private::bindings::exports::wasmbassador::plugin::packed_hooks::{CloseSpans, ConnectSpans};
 use crate::__private::bindings::wasmbassador::plugin::host;
 use crate::__private::bindings::wasmbassador::plugin::http_types as wit_http;
 use crate::__private::bindings::wasmbassador::plugin::types as wit;
@@ -71,7 +72,10 @@ pub fn init<P: Plugin>(config: String, make: impl FnOnce() -> P) -> Result<(), S
 
 /// `on-connect`.
 pub fn on_connect(info: wit::ConnectInfo) -> wit::Verdict {
-    let connection = Connection::from(info);
+    connect(Connection::from(info))
+}
+
+fn connect(connection: Connection) -> wit::Verdict {
     PLUGIN.with_borrow(|plugin| match plugin {
         Some(plugin) => watching_default(Unused::Connect, || plugin.on_connect(&connection)).into(),
         // Serving a connection with an unconfigured plugin could let through what its
@@ -80,9 +84,22 @@ pub fn on_connect(info: wit::ConnectInfo) -> wit::Verdict {
     })
 }
 
+/// `packed-hooks.on-connect`: the same hook, its text fields unpacked first.
+pub fn on_connect_packed(text: String, spans: ConnectSpans) -> wit::Verdict {
+    connect(crate::connection::unpack_connect(&text, &spans))
+}
+
+/// `packed-hooks.on-close`.
+pub fn on_close_packed(text: String, spans: CloseSpans) {
+    close(crate::connection::unpack_close(&text, &spans))
+}
+
 /// `on-close`.
 pub fn on_close(info: wit::CloseInfo) {
-    let closed = Closed::from(info);
+    close(Closed::from(info))
+}
+
+fn close(closed: Closed) {
     PLUGIN.with_borrow(|plugin| match plugin {
         Some(plugin) => watching_default(Unused::Close, || plugin.on_close(&closed)),
         None => panic!("on-close called before a successful init"),

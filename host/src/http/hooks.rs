@@ -186,9 +186,16 @@ fn to_wit(headers: &HeaderMap) -> Vec<Header> {
         .collect()
 }
 
+/// The most header edits one hook call may make; the rest are skipped and logged. A
+/// header map holds at most 32,768 fields, and a plugin has no business near that.
+const MAX_EDITS: usize = 1024;
+
 /// Applies a plugin's edits in order; an invalid or reserved one is skipped and logged.
 fn apply(headers: &mut HeaderMap, edits: Vec<HeaderEdit>, plugin: &str, side: &str) {
-    for edit in edits {
+    if edits.len() > MAX_EDITS {
+        tracing::warn!(%plugin, side, edits = edits.len(), "plugin header edits past the first {MAX_EDITS} skipped");
+    }
+    for edit in edits.into_iter().take(MAX_EDITS) {
         let (name, value) = match &edit {
             HeaderEdit::Set(h) | HeaderEdit::Append(h) => (&h.name, Some(&h.value)),
             HeaderEdit::Remove(name) => (name, None),
@@ -209,16 +216,17 @@ fn apply(headers: &mut HeaderMap, edits: Vec<HeaderEdit>, plugin: &str, side: &s
                 continue;
             }
         };
-        match (edit, value) {
-            (HeaderEdit::Set(_), Some(v)) => {
-                headers.insert(name, v);
-            }
-            (HeaderEdit::Append(_), Some(v)) => {
-                headers.append(name, v);
-            }
+        let full = match (edit, value) {
+            (HeaderEdit::Set(_), Some(v)) => headers.try_insert(name, v).is_err(),
+            (HeaderEdit::Append(_), Some(v)) => headers.try_append(name, v).is_err(),
             _ => {
                 headers.remove(name);
+                false
             }
+        };
+        if full {
+            tracing::warn!(%plugin, side, "plugin header edits skipped: the header map is full");
+            return;
         }
     }
 }

@@ -420,6 +420,17 @@ impl Ctx {
     /// closes or the drain timeout ends. Any other answer is passed on as it is.
     async fn upgrade(&self, up: &Arc<Upstream>, mut req: Request<Incoming>) -> Response<Body> {
         let name = &up.config.name;
+        // The tunnel outlives this app connection's task (hyper hands the socket over
+        // after the 101), so it holds a `max_connections` permit of its own.
+        let Ok(permit) = self.st.limit.clone().try_acquire_owned() else {
+            return local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "wasmbassador: listener {:?} is at max_connections; no room for an upgraded connection\n",
+                    self.st.config.name
+                ),
+            );
+        };
         let authority = match headers::upstream_authority(&up.config) {
             Ok(a) => a,
             Err(e) => {
@@ -459,12 +470,21 @@ impl Ctx {
         );
         parts.version = Version::HTTP_11;
         let outbound = Request::from_parts(parts, body);
-        let mut resp = match send.send_request(outbound).await {
-            Ok(r) => r,
-            Err(e) => {
+        let timeout = self.st.config.request_timeout();
+        let mut resp = match tokio::time::timeout(timeout, send.send_request(outbound)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
                 return local(
                     StatusCode::BAD_GATEWAY,
                     format!("wasmbassador: upstream {name:?}: {e}\n"),
+                );
+            }
+            Err(_) => {
+                return local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "wasmbassador: upstream {name:?} did not answer the upgrade within {timeout:?}\n"
+                    ),
                 );
             }
         };
@@ -478,7 +498,9 @@ impl Ctx {
         let upstream_side = hyper::upgrade::on(&mut resp);
         let listener = self.st.config.name.clone();
         let hard_stop = self.shared.hard_stop.clone();
-        tokio::spawn(async move {
+        // On the tracker, so that a drain waits for open tunnels like for connections.
+        self.shared.tracker.spawn(async move {
+            let _permit = permit;
             let (app, upstream) = match tokio::try_join!(app_side, upstream_side) {
                 Ok(pair) => pair,
                 Err(e) => {

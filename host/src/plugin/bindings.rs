@@ -1,15 +1,16 @@
 //! Host-side bindings generated from the WIT package in `sdk/wit/` — the one
-//! extension point shared with the SDK. The `http-plugin` world includes `plugin`, so
-//! these bindings cover both; the exports are looked up per interface, since a
-//! `plugin` component has no `http-hooks`.
+//! extension point shared with the SDK. The `packed-plugin` world includes
+//! `http-plugin`, which includes `plugin`, so these bindings cover all three; the
+//! exports are looked up per interface, since a `plugin` component has no `http-hooks`
+//! and only SDK 0.1.3 components have `packed-hooks`.
 #![allow(missing_docs)]
 
 wasmtime::component::bindgen!({
     path: "../sdk/wit",
-    world: "http-plugin",
+    world: "packed-plugin",
 });
 
-pub use self::exports::wasmbassador::plugin::{hooks, http_hooks};
+pub use self::exports::wasmbassador::plugin::{hooks, http_hooks, packed_hooks};
 pub use self::wasmbassador::plugin::http_types::{
     Forward, Header, HeaderEdit, LocalResponse, RequestAction, RequestInfo, ResponseInfo, ResponseSource,
 };

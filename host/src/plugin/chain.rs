@@ -2,6 +2,7 @@
 //! `allow` goes on, the first `deny` ends it, a later `route` replaces an earlier one.
 //! A failed call is answered by that plugin's `on_error` policy.
 
+use std::cell::OnceCell;
 use std::sync::Arc;
 
 use super::{CloseInfo, ConnectInfo, Loaded, PluginMap, RouteTarget, Verdict};
@@ -53,9 +54,10 @@ impl Chain {
     /// Runs `on-connect` through the chain.
     pub fn on_connect(&mut self, info: &ConnectInfo) -> Decision {
         let mut route = None;
+        let packed = OnceCell::new();
         for p in &self.plugins {
             self.ran += 1;
-            let verdict = match p.on_connect(info) {
+            let verdict = match p.on_connect(info, &packed) {
                 Ok(v) => v,
                 Err(e) => match p.on_error() {
                     OnError::Allow => Verdict::Allow,
@@ -83,8 +85,9 @@ impl Chain {
 
     /// Runs `on-close` for every plugin whose `on-connect` ran.
     pub fn on_close(&self, info: &CloseInfo) {
+        let packed = OnceCell::new();
         for p in &self.plugins[..self.ran] {
-            p.on_close(info);
+            p.on_close(info, &packed);
         }
     }
 }

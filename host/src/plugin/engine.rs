@@ -56,5 +56,9 @@ fn build() -> wasmtime::Result<Engine> {
         .wasm_component_model(true)
         .epoch_interruption(true)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    // `perf` can then name the plugins' compiled functions (from /tmp/perf-PID.map).
+    if std::env::var_os("WASMBASSADOR_PERF_MAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     Engine::new(&config)
 }

@@ -24,6 +24,15 @@ const LOG_LINES_PER_SECOND: u32 = 200;
 const MAX_LOG_LINE: usize = 4096;
 /// Distinct label-value sets per plugin metric.
 const MAX_SERIES: usize = 1000;
+/// Bounds on what a plugin may declare, so that its metrics (kept for the life of the
+/// process) cannot grow without end: metrics per plugin name, labels per metric,
+/// buckets per histogram, and the length of a name, a label value and a help text.
+const MAX_METRICS_PER_PLUGIN: usize = 64;
+const MAX_LABELS: usize = 8;
+const MAX_BUCKETS: usize = 64;
+const MAX_NAME: usize = 128;
+const MAX_LABEL_VALUE: usize = 256;
+const MAX_HELP: usize = 1024;
 /// Names of the host's own `wasmbassador_plugin_*` metrics, which plugins may not reuse.
 const RESERVED: [&str; 6] = [
     "calls",
@@ -380,8 +389,19 @@ impl PluginMetrics {
         labels: &[String],
         buckets: Option<Vec<f64>>,
     ) -> Result<(), String> {
-        if !valid_name(name) {
-            return Err(format!("metric name {name:?} must match [a-zA-Z_][a-zA-Z0-9_]*"));
+        if !valid_name(name) || name.len() > MAX_NAME {
+            return Err(format!(
+                "metric name {name:?} must match [a-zA-Z_][a-zA-Z0-9_]* and be at most {MAX_NAME} characters"
+            ));
+        }
+        if help.len() > MAX_HELP {
+            return Err(format!("metric {name:?}: help is longer than {MAX_HELP} bytes"));
+        }
+        if labels.len() > MAX_LABELS {
+            return Err(format!("metric {name:?}: more than {MAX_LABELS} labels"));
+        }
+        if buckets.as_ref().is_some_and(|b| b.len() > MAX_BUCKETS) {
+            return Err(format!("histogram {name:?}: more than {MAX_BUCKETS} buckets"));
         }
         // These names are the host's own `wasmbassador_plugin_*` families.
         let base = name.strip_suffix("_total").unwrap_or(name);
@@ -391,7 +411,7 @@ impl PluginMetrics {
             ));
         }
         for l in labels {
-            if !valid_name(l) || l == "plugin" {
+            if !valid_name(l) || l == "plugin" || l.len() > MAX_NAME {
                 return Err(format!(
                     "label {l:?} of metric {name:?} must match [a-zA-Z_][a-zA-Z0-9_]* and not be \"plugin\""
                 ));
@@ -414,6 +434,11 @@ impl PluginMetrics {
                     m.owner.0
                 ));
             }
+        } else if all.values().filter(|m| m.owner.0 == ctx.name).count() >= MAX_METRICS_PER_PLUGIN {
+            return Err(format!(
+                "metric {name:?}: plugin {:?} already declared {MAX_METRICS_PER_PLUGIN} metrics, the most one plugin may",
+                ctx.name
+            ));
         }
         let kind = match &buckets {
             None => Kind::Counter(Family::default()),
@@ -443,7 +468,7 @@ impl PluginMetrics {
             self.dropped.inc();
             return None;
         };
-        if values.len() != m.labels.len() {
+        if values.len() != m.labels.len() || values.iter().any(|v| v.len() > MAX_LABEL_VALUE) {
             self.dropped.inc();
             return None;
         }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, InstancePre, Linker, Val};
 
-use super::bindings::{HttpPlugin, hooks, http_hooks};
+use super::bindings::{PackedPlugin, hooks, http_hooks, packed_hooks};
 use super::host::{HostState, PluginContext, PluginMetrics};
 use crate::config::PluginConfig;
 
@@ -100,6 +100,9 @@ pub struct Compiled {
     /// Where the `http-hooks` exports are, if the component has them (an
     /// `http-plugin`, which every plugin built with SDK 0.1.2 or later is).
     pub http_hooks: Option<http_hooks::GuestIndices>,
+    /// Where the `packed-hooks` exports are, if the component has them (every plugin
+    /// built with SDK 0.1.3 or later).
+    pub packed_hooks: Option<packed_hooks::GuestIndices>,
     /// Shared per-version context.
     pub ctx: Arc<PluginContext>,
 }
@@ -163,8 +166,13 @@ pub fn compile(
     let pre = linker.instantiate_pre(&component).map_err(world_err)?;
     let hooks = hooks::GuestIndices::new(&pre).map_err(world_err)?;
     // Absent in a `plugin` component; present but mistyped is refused like a wrong world.
-    let http_hooks = if exports_http_hooks(engine, &component) {
+    let http_hooks = if exports(engine, &component, "http-hooks") {
         Some(http_hooks::GuestIndices::new(&pre).map_err(world_err)?)
+    } else {
+        None
+    };
+    let packed_hooks = if exports(engine, &component, "packed-hooks") {
+        Some(packed_hooks::GuestIndices::new(&pre).map_err(world_err)?)
     } else {
         None
     };
@@ -180,15 +188,18 @@ pub fn compile(
         pre,
         hooks,
         http_hooks,
+        packed_hooks,
         ctx,
     })
 }
 
-fn exports_http_hooks(engine: &wasmtime::Engine, component: &Component) -> bool {
+/// Whether the component exports our interface `name` (any 0.1 version).
+fn exports(engine: &wasmtime::Engine, component: &Component, name: &str) -> bool {
+    let prefix = format!("wasmbassador:plugin/{name}@");
     component
         .component_type()
         .exports(engine)
-        .any(|(name, _)| name.starts_with("wasmbassador:plugin/http-hooks@"))
+        .any(|(export, _)| export.starts_with(&prefix))
 }
 
 fn first_line(e: &wasmtime::Error) -> String {
@@ -203,38 +214,90 @@ fn first_line(e: &wasmtime::Error) -> String {
 fn linker(engine: &wasmtime::Engine, component: &Component) -> wasmtime::Result<Linker<HostState>> {
     newer_interface(engine, component)?;
     let mut linker = Linker::new(engine);
-    HttpPlugin::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)?;
+    PackedPlugin::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)?;
+    stub_other_imports(&mut linker, engine, component)?;
+    // The few WASI functions answered with "nothing", replacing their trap stubs.
+    linker.allow_shadowing(true);
     let ty = component.component_type();
     for (import, _) in ty.imports(engine) {
         let empty_list = |_: wasmtime::StoreContextMut<'_, HostState>,
                           _: wasmtime::component::types::ComponentFunc,
                           _: &[Val],
                           out: &mut [Val]| {
-            out[0] = Val::List(Vec::new());
+            match out.first_mut() {
+                Some(slot) => *slot = Val::List(Vec::new()),
+                // A component that declares this import with no result is refused at
+                // the call, not answered with a host panic.
+                None => wasmtime::bail!("a WASI import declared with no result"),
+            }
             Ok(())
         };
         if import.starts_with("wasi:cli/environment@") {
             let mut i = linker.instance(import)?;
             i.func_new("get-environment", empty_list)?;
             i.func_new("get-arguments", empty_list)?;
-            i.func_new("initial-cwd", |_, _, _, out| {
-                out[0] = Val::Option(None);
-                Ok(())
+            i.func_new("initial-cwd", |_, _, _, out| match out.first_mut() {
+                Some(slot) => {
+                    *slot = Val::Option(None);
+                    Ok(())
+                }
+                None => wasmtime::bail!("a WASI import declared with no result"),
             })?;
         } else if import.starts_with("wasi:filesystem/preopens@") {
-            // The resource type comes from `wasi:filesystem/types`, which
-            // `define_unknown_imports_as_traps` stubs below; an empty list needs no
-            // descriptor, so none is ever created.
+            // An empty list needs no descriptor, so none is ever created.
             linker.instance(import)?.func_new("get-directories", empty_list)?;
         }
     }
-    linker.define_unknown_imports_as_traps(component)?;
+    linker.allow_shadowing(false);
     Ok(linker)
+}
+
+/// Defines every function of every imported instance outside our own package as a
+/// function that traps, and every imported resource type as an opaque host type.
+///
+/// By hand rather than `Linker::define_unknown_imports_as_traps`: that one also stubs
+/// an import of our own package at an older patch version (`host@0.1.2` in a plugin
+/// built with SDK 0.1.2) under its exact name, and an exact name wins over the
+/// semver-compatible definition (`host@0.1.3`), so every host call of such a plugin
+/// would trap. Our package's imports are left to the version matching.
+fn stub_other_imports(
+    linker: &mut Linker<HostState>,
+    engine: &wasmtime::Engine,
+    component: &Component,
+) -> wasmtime::Result<()> {
+    use wasmtime::component::ResourceType;
+    use wasmtime::component::types::ComponentItem;
+    for (import, item) in component.component_type().imports(engine) {
+        if import.starts_with("wasmbassador:plugin/") {
+            continue;
+        }
+        let ComponentItem::ComponentInstance(instance) = item.ty else {
+            // A bare function or other item: not defined, so instantiation refuses
+            // the component (a wrong world).
+            continue;
+        };
+        let mut stubs = linker.instance(import)?;
+        for (name, export) in instance.exports(engine) {
+            match export.ty {
+                ComponentItem::ComponentFunc(_) => {
+                    let what = format!("{import}#{name}");
+                    stubs.func_new(name, move |_, _, _, _| {
+                        wasmtime::bail!("{what} is not granted to plugins")
+                    })?;
+                }
+                ComponentItem::Resource(_) => {
+                    stubs.resource(name, ResourceType::host::<()>(), |_, _| Ok(()))?;
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The version of the `wasmbassador:plugin` package this host implements (the WIT file
 /// in `sdk/wit/`).
-pub const WIT_VERSION: (u64, u64, u64) = (0, 1, 2);
+pub const WIT_VERSION: (u64, u64, u64) = (0, 1, 3);
 
 /// Refuses a component built against a newer version of our package than this host
 /// implements. wasmtime links such an import to the older interface of the same track,

@@ -13,8 +13,10 @@ pub mod chain;
 pub mod engine;
 pub mod host;
 pub mod load;
+pub mod packed;
 pub mod watch;
 
+use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,7 +33,7 @@ pub use bindings::{
     CloseInfo, ConnectInfo, Forward, Header, HeaderEdit, LocalResponse, Outcome, PostgresStartup, Protocol,
     RequestAction, RequestInfo, ResponseInfo, ResponseSource, RouteTarget, Verdict,
 };
-use bindings::{hooks, http_hooks};
+use bindings::{hooks, http_hooks, packed_hooks};
 use host::{HostState, PluginContext, PluginMetrics};
 pub use load::LoadError;
 
@@ -102,6 +104,8 @@ struct Guests {
     hooks: hooks::Guest,
     /// Absent for a component of the `plugin` world.
     http: Option<http_hooks::Guest>,
+    /// Absent for a component built before SDK 0.1.3.
+    packed: Option<packed_hooks::Guest>,
 }
 
 /// The call counter and latency histogram of one hook of one plugin, looked up once
@@ -155,6 +159,7 @@ pub struct Loaded {
     pre: InstancePre<HostState>,
     hooks: hooks::GuestIndices,
     http_hooks: Option<http_hooks::GuestIndices>,
+    packed_hooks: Option<packed_hooks::GuestIndices>,
     ctx: Arc<PluginContext>,
     config_json: String,
     idle: [IdleSlot; IDLE_SLOTS],
@@ -224,7 +229,11 @@ impl Loaded {
                     Some(h) => Some(h.load(&mut store, &instance)?),
                     None => None,
                 };
-                Ok(Guests { hooks, http })
+                let packed = match &self.packed_hooks {
+                    Some(h) => Some(h.load(&mut store, &instance)?),
+                    None => None,
+                };
+                Ok(Guests { hooks, http, packed })
             })
             .map_err(|e| HookError::Setup(format!("{e:#}")))?;
         match guests.hooks.call_init(&mut store, &self.config_json) {
@@ -303,24 +312,45 @@ impl Loaded {
         result
     }
 
-    /// `on-connect`; `Err` means the call failed and the policy decides.
-    pub fn on_connect(&self, info: &ConnectInfo) -> Result<Verdict, HookError> {
+    /// `on-connect`; `Err` means the call failed and the policy decides. `packed` is
+    /// `info` packed for `packed-hooks`, made by the first plugin of the chain that
+    /// exports them and reused by the others.
+    pub fn on_connect(
+        &self,
+        info: &ConnectInfo,
+        packed: &OnceCell<Option<packed::PackedConnect>>,
+    ) -> Result<Verdict, HookError> {
         // A hook the plugin left at its default answers `allow` without a call.
         if self.ctx.unused[host::HOOK_ON_CONNECT].load(Ordering::Relaxed) {
             return Ok(Verdict::Allow);
         }
+        let packed = match self.packed_hooks {
+            Some(_) => packed.get_or_init(|| packed::connect(info)).as_ref(),
+            None => None,
+        };
         self.call("on_connect", &self.on_connect_metrics, |store, g| {
-            g.hooks.call_on_connect(store, info)
+            match (&g.packed, packed) {
+                (Some(h), Some(p)) => h.call_on_connect(store, &p.text, p.spans),
+                _ => g.hooks.call_on_connect(store, info),
+            }
         })
     }
 
-    /// `on-close`; failures are counted and logged, nothing else.
-    pub fn on_close(&self, info: &CloseInfo) {
+    /// `on-close`; failures are counted and logged, nothing else. `packed` as for
+    /// [`on_connect`](Loaded::on_connect).
+    pub fn on_close(&self, info: &CloseInfo, packed: &OnceCell<Option<packed::PackedClose>>) {
         if self.ctx.unused[host::HOOK_ON_CLOSE].load(Ordering::Relaxed) {
             return;
         }
+        let packed = match self.packed_hooks {
+            Some(_) => packed.get_or_init(|| packed::close(info)).as_ref(),
+            None => None,
+        };
         let _ = self.call("on_close", &self.on_close_metrics, |store, g| {
-            g.hooks.call_on_close(store, info)
+            match (&g.packed, packed) {
+                (Some(h), Some(p)) => h.call_on_close(store, &p.text, p.spans),
+                _ => g.hooks.call_on_close(store, info),
+            }
         });
     }
 
@@ -461,6 +491,7 @@ fn build(
         pre: compiled.pre,
         hooks: compiled.hooks,
         http_hooks: compiled.http_hooks,
+        packed_hooks: compiled.packed_hooks,
         ctx: compiled.ctx,
         config_json,
         idle: Default::default(),

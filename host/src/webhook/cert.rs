@@ -64,13 +64,22 @@ pub enum Refresh {
 }
 
 /// A rustls server certificate resolver serving the pair in two PEM files.
-#[derive(Debug)]
 pub struct CertReloader {
     cert: PathBuf,
     key: PathBuf,
     current: ArcSwap<CertifiedKey>,
     /// The file contents last tried, used or not, so a broken pair is reported once.
     seen: Mutex<(Vec<u8>, Vec<u8>)>,
+}
+
+// By hand: `seen` holds the private key's PEM, which must never reach a log line.
+impl std::fmt::Debug for CertReloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertReloader")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CertReloader {

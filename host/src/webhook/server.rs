@@ -29,6 +29,12 @@ pub const MAX_BODY: usize = 4 * 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client that has not sent a request's headers by then is dropped.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request whose body has not arrived by then is answered 408.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; more are closed on accept. The API server opens a few;
+/// the bound keeps any other peer on the cluster network from holding memory (up to
+/// [`MAX_BODY`] each) without end.
+const MAX_CONNECTIONS: usize = 256;
 /// After shutdown, requests under way get this long to be answered.
 const GRACE: Duration = Duration::from_secs(10);
 /// Besides file events, the certificate files are re-read this often: some volume
@@ -58,6 +64,7 @@ pub(super) async fn serve(
     let watcher = watch_certs(certs, stop.clone())?;
     let options = Arc::new(settings.options);
     let tracker = TaskTracker::new();
+    let room = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tracing::info!(%address, image = %options.image, "webhook listening");
     tokio::pin!(shutdown);
     loop {
@@ -73,13 +80,15 @@ pub(super) async fn serve(
                 }
             },
         };
-        tracker.spawn(connection(
-            sock,
-            peer,
-            acceptor.clone(),
-            options.clone(),
-            stop.clone(),
-        ));
+        let Ok(permit) = room.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "webhook connection closed: {MAX_CONNECTIONS} already open");
+            continue;
+        };
+        let served = connection(sock, peer, acceptor.clone(), options.clone(), stop.clone());
+        tracker.spawn(async move {
+            served.await;
+            drop(permit);
+        });
     }
     tracing::info!("webhook stopping: no new connections; answering requests under way");
     stop.cancel();
@@ -211,7 +220,19 @@ async fn admit(
     opt_in: OptIn,
     options: &crate::inject::InjectOptions,
 ) -> Response<Full<Bytes>> {
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+    let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), MAX_BODY).collect());
+    let Ok(body) = read.await else {
+        tracing::warn!(
+            path = opt_in.path(),
+            "webhook request refused: body not received within {BODY_TIMEOUT:?}"
+        );
+        return reply(
+            StatusCode::REQUEST_TIMEOUT,
+            TEXT,
+            format!("the body did not arrive within {BODY_TIMEOUT:?}\n"),
+        );
+    };
+    let body = match body {
         Ok(body) => body.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             tracing::warn!(

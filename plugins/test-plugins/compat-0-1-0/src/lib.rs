@@ -1,7 +1,8 @@
 //! Test plugin: the `plugin` world of `wasmbassador:plugin@0.1.0`, from a frozen copy of
 //! that version's WIT, so that the host's tests can check that plugins built against an
-//! older 0.1.x interface still load and run. It denies every connection with a reason
-//! that names the version, and logs each `on-close`.
+//! older 0.1.x interface still load and run, host calls included. It denies every
+//! connection with a reason that names the version once a host call has answered, and
+//! logs each `on-close`.
 
 wit_bindgen::generate!({ path: "wit", world: "plugin" });
 
@@ -17,7 +18,10 @@ impl Guest for Component {
     }
 
     fn on_connect(_info: ConnectInfo) -> Verdict {
-        Verdict::Deny("built against 0.1.0".to_string())
+        // A host call that the host failed to link would trap here, and the host would
+        // answer with the `on_error` policy instead of this reason.
+        let clock = if host::now_ns() > 0 { "ticking" } else { "zero" };
+        Verdict::Deny(format!("built against 0.1.0; host clock {clock}"))
     }
 
     fn on_close(info: CloseInfo) {
