@@ -37,9 +37,64 @@ impl fmt::Display for Protocol {
 }
 
 /// A new client connection, as [`Plugin::on_connect`](crate::Plugin::on_connect) sees it.
-#[derive(Debug, Clone)]
+/// A byte range of a value's `text`: one field. Ranges are checked against the text
+/// (in bounds, on character boundaries) when a value is built.
+type Field = std::ops::Range<usize>;
+
+/// A value's text, built field by field. Appending never moves an earlier field.
+struct Text(String);
+
+impl Text {
+    fn with_capacity(n: usize) -> Text {
+        Text(String::with_capacity(n))
+    }
+
+    fn push(&mut self, field: &str) -> Field {
+        let start = self.0.len();
+        self.0.push_str(field);
+        start..self.0.len()
+    }
+
+    fn push_opt(&mut self, field: Option<&str>) -> Option<Field> {
+        field.map(|f| self.push(f))
+    }
+}
+
+/// The startup parameters of a PostgreSQL connection, as fields of its text.
+#[derive(Clone)]
+struct Startup {
+    user: Option<Field>,
+    database: Option<Field>,
+    application_name: Option<Field>,
+    /// The other parameters, as `name NUL value NUL` pairs in the order sent.
+    others: Field,
+}
+
+/// A new client connection, as [`Plugin::on_connect`](crate::Plugin::on_connect) sees it.
+///
+/// All its text is one string, as the host sends it (`packed-hooks`), and the
+/// accessors lend slices of it: reading a field copies nothing.
+#[derive(Clone)]
 pub struct Connection {
-    info: wit::ConnectInfo,
+    text: String,
+    protocol: wit::Protocol,
+    listener: Field,
+    client_addr: Field,
+    upstream: Field,
+    /// Present exactly on `postgres` connections.
+    startup: Option<Startup>,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("listener", &self.listener())
+            .field("protocol", &self.protocol())
+            .field("client_addr", &self.client_addr())
+            .field("upstream", &self.upstream())
+            .field("startup", &self.startup_parameters().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 /// Building values by hand, for a plugin's unit tests (the host builds the real ones):
@@ -55,57 +110,76 @@ impl Connection {
     /// A `tcp` connection from `client_addr` (`ip:port`) to `listener`, whose default
     /// upstream is `upstream`.
     pub fn new(listener: &str, client_addr: &str, upstream: &str) -> Connection {
+        let mut text = Text::with_capacity(listener.len() + client_addr.len() + upstream.len());
+        let listener = text.push(listener);
+        let client_addr = text.push(client_addr);
+        let upstream = text.push(upstream);
         Connection {
-            info: wit::ConnectInfo {
-                listener: listener.to_owned(),
-                protocol: wit::Protocol::Tcp,
-                client_addr: client_addr.to_owned(),
-                upstream: upstream.to_owned(),
-                postgres: None,
-            },
+            text: text.0,
+            protocol: wit::Protocol::Tcp,
+            listener,
+            client_addr,
+            upstream,
+            startup: None,
         }
     }
 
     /// Makes it a `postgres` connection with these startup parameters (`user`,
-    /// `database`, `application_name` and any others).
-    pub fn with_startup(mut self, parameters: &[(&str, &str)]) -> Connection {
-        let get = |name: &str| {
-            parameters
-                .iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| (*v).to_owned())
-        };
-        self.info.protocol = wit::Protocol::Postgres;
-        self.info.postgres = Some(wit::PostgresStartup {
-            user: get("user"),
-            database: get("database"),
-            application_name: get("application_name"),
-            parameters: parameters
-                .iter()
-                .filter(|(k, _)| !matches!(*k, "user" | "database" | "application_name"))
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-        });
-        self
+    /// `database`, `application_name` and any others; none may contain NUL, which a
+    /// PostgreSQL client cannot send).
+    pub fn with_startup(self, parameters: &[(&str, &str)]) -> Connection {
+        let get = |name: &str| parameters.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+        let mut text = Text(self.text);
+        let user = text.push_opt(get("user"));
+        let database = text.push_opt(get("database"));
+        let application_name = text.push_opt(get("application_name"));
+        let start = text.0.len();
+        for (name, value) in parameters {
+            if !matches!(*name, "user" | "database" | "application_name") {
+                for part in [*name, "\0", *value, "\0"] {
+                    text.0.push_str(part);
+                }
+            }
+        }
+        let others = start..text.0.len();
+        Connection {
+            text: text.0,
+            protocol: wit::Protocol::Postgres,
+            startup: Some(Startup {
+                user,
+                database,
+                application_name,
+                others,
+            }),
+            ..self
+        }
     }
 
     /// Makes it a connection of an `http` listener.
     pub fn with_http(mut self) -> Connection {
-        self.info.protocol = wit::Protocol::Http;
-        self.info.postgres = None;
+        self.protocol = wit::Protocol::Http;
+        self.startup = None;
         self
+    }
+
+    fn get(&self, field: &Field) -> &str {
+        self.text.get(field.clone()).unwrap_or("")
+    }
+
+    fn get_opt(&self, field: &Option<Field>) -> Option<&str> {
+        field.as_ref().map(|f| self.get(f))
     }
 }
 
 impl Connection {
     /// The name of the listener that accepted the connection (`listener.name`).
     pub fn listener(&self) -> &str {
-        &self.info.listener
+        self.get(&self.listener)
     }
 
     /// The listener's protocol.
     pub fn protocol(&self) -> Protocol {
-        match self.info.protocol {
+        match self.protocol {
             wit::Protocol::Tcp => Protocol::Tcp,
             wit::Protocol::Postgres => Protocol::Postgres,
             wit::Protocol::Http => Protocol::Http,
@@ -114,7 +188,7 @@ impl Connection {
 
     /// The client's address as the listener saw it, `ip:port` (`[ip]:port` for IPv6).
     pub fn client_addr(&self) -> &str {
-        &self.info.client_addr
+        self.get(&self.client_addr)
     }
 
     /// The client's IP address. An IPv4 client of a listener bound to `[::]` arrives as
@@ -122,18 +196,18 @@ impl Connection {
     /// (`10.1.2.3`) so that IPv4 rules match it. `None` only if the host sent an address
     /// that does not parse.
     pub fn client_ip(&self) -> Option<IpAddr> {
-        parse_ip(&self.info.client_addr)
+        parse_ip(self.client_addr())
     }
 
     /// The listener's default upstream (`listener.upstream`): where the connection goes
     /// unless a plugin routes it elsewhere.
     pub fn upstream(&self) -> &str {
-        &self.info.upstream
+        self.get(&self.upstream)
     }
 
     /// The PostgreSQL `user` startup parameter; `None` on other protocols.
     pub fn db_user(&self) -> Option<&str> {
-        self.postgres()?.user.as_deref()
+        self.get_opt(&self.startup.as_ref()?.user)
     }
 
     /// The PostgreSQL database the client asked for: the `database` startup parameter,
@@ -141,28 +215,27 @@ impl Connection {
     /// will use. `None` on other protocols. The raw parameter is
     /// `startup_parameter("database")`.
     pub fn database(&self) -> Option<&str> {
-        let startup = self.postgres()?;
-        startup.database.as_deref().or(startup.user.as_deref())
+        let startup = self.startup.as_ref()?;
+        self.get_opt(&startup.database).or(self.get_opt(&startup.user))
     }
 
     /// The PostgreSQL `application_name` startup parameter, if the client sent one.
     pub fn application_name(&self) -> Option<&str> {
-        self.postgres()?.application_name.as_deref()
+        self.get_opt(&self.startup.as_ref()?.application_name)
     }
 
     /// A PostgreSQL startup parameter by name (`"options"`, `"replication"`, `"user"`,
     /// ...), as the client sent it; `None` if absent or on other protocols.
     pub fn startup_parameter(&self, name: &str) -> Option<&str> {
-        let startup = self.postgres()?;
+        let startup = self.startup.as_ref()?;
         match name {
-            "user" => startup.user.as_deref(),
-            "database" => startup.database.as_deref(),
-            "application_name" => startup.application_name.as_deref(),
-            _ => startup
-                .parameters
-                .iter()
-                .find(|(key, _)| key == name)
-                .map(|(_, value)| value.as_str()),
+            "user" => self.get_opt(&startup.user),
+            "database" => self.get_opt(&startup.database),
+            "application_name" => self.get_opt(&startup.application_name),
+            _ => self
+                .others()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| value),
         }
     }
 
@@ -170,33 +243,59 @@ impl Connection {
     /// `application_name` first (those present), then the others in the order sent.
     /// Empty on other protocols.
     pub fn startup_parameters(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.postgres().into_iter().flat_map(|startup| {
-            let named = [
-                ("user", &startup.user),
-                ("database", &startup.database),
-                ("application_name", &startup.application_name),
-            ];
-            // The named three are skipped in `parameters` should a host repeat them there.
-            let others = startup
-                .parameters
-                .iter()
-                .filter(|(k, _)| !matches!(k.as_str(), "user" | "database" | "application_name"))
-                .map(|(k, v)| (k.as_str(), v.as_str()));
-            named
-                .into_iter()
-                .filter_map(|(key, value)| Some((key, value.as_deref()?)))
-                .chain(others)
-        })
+        let named = self.startup.as_ref().map(|s| {
+            [
+                ("user", &s.user),
+                ("database", &s.database),
+                ("application_name", &s.application_name),
+            ]
+        });
+        named
+            .into_iter()
+            .flatten()
+            .filter_map(|(key, field)| Some((key, self.get_opt(field)?)))
+            .chain(self.others())
     }
 
-    fn postgres(&self) -> Option<&wit::PostgresStartup> {
-        self.info.postgres.as_ref()
+    /// The parameters other than the named three, in the order sent.
+    fn others(&self) -> impl Iterator<Item = (&str, &str)> {
+        let region = self.startup.as_ref().map_or("", |s| self.get(&s.others));
+        let mut parts = region.split('\0');
+        std::iter::from_fn(move || Some((parts.next()?, parts.next()?)))
+            // The named three have fields of their own, should a host repeat them here.
+            .filter(|(k, _)| !matches!(*k, "user" | "database" | "application_name"))
     }
 }
 
 impl From<wit::ConnectInfo> for Connection {
     fn from(info: wit::ConnectInfo) -> Self {
-        Connection { info }
+        let c = Connection::new(&info.listener, &info.client_addr, &info.upstream);
+        let c = match &info.postgres {
+            None => c,
+            Some(startup) => {
+                let named = [
+                    ("user", &startup.user),
+                    ("database", &startup.database),
+                    ("application_name", &startup.application_name),
+                ];
+                let mut parameters: Vec<(&str, &str)> = named
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k, v.as_deref()?)))
+                    .collect();
+                parameters.extend(
+                    startup
+                        .parameters
+                        .iter()
+                        .filter(|(k, v)| !k.contains('\0') && !v.contains('\0'))
+                        .map(|(k, v)| (k.as_str(), v.as_str())),
+                );
+                c.with_startup(&parameters)
+            }
+        };
+        match info.protocol {
+            wit::Protocol::Http => c.with_http(),
+            _ => c,
+        }
     }
 }
 
@@ -237,9 +336,38 @@ impl fmt::Display for Outcome {
 }
 
 /// A finished connection, as [`Plugin::on_close`](crate::Plugin::on_close) sees it.
-#[derive(Debug, Clone)]
+///
+/// Like [`Connection`], all its text is one string and the accessors lend slices of it.
+#[derive(Clone)]
 pub struct Closed {
-    info: wit::CloseInfo,
+    text: String,
+    listener: Field,
+    client_addr: Field,
+    upstream: Option<Field>,
+    endpoint: Option<Field>,
+    bytes_to_upstream: u64,
+    bytes_to_client: u64,
+    duration_ns: u64,
+    outcome: wit::Outcome,
+    user: Option<Field>,
+    database: Option<Field>,
+}
+
+impl fmt::Debug for Closed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Closed")
+            .field("listener", &self.listener())
+            .field("client_addr", &self.client_addr())
+            .field("upstream", &self.upstream())
+            .field("endpoint", &self.endpoint())
+            .field("bytes_to_upstream", &self.bytes_to_upstream)
+            .field("bytes_to_client", &self.bytes_to_client)
+            .field("duration", &self.duration())
+            .field("outcome", &self.outcome())
+            .field("user", &self.db_user())
+            .field("database", &self.database())
+            .finish()
+    }
 }
 
 /// Building values by hand, for a plugin's unit tests (the host builds the real ones):
@@ -265,97 +393,115 @@ impl Closed {
             Outcome::IdleTimeout => wit::Outcome::IdleTimeout,
             Outcome::Error => wit::Outcome::Error,
         };
+        let mut text = Text::with_capacity(listener.len() + client_addr.len());
+        let listener = text.push(listener);
+        let client_addr = text.push(client_addr);
         Closed {
-            info: wit::CloseInfo {
-                listener: listener.to_owned(),
-                client_addr: client_addr.to_owned(),
-                upstream: None,
-                endpoint: None,
-                bytes_to_upstream: 0,
-                bytes_to_client: 0,
-                duration_ns: 0,
-                outcome,
-                user: None,
-                database: None,
-            },
+            text: text.0,
+            listener,
+            client_addr,
+            upstream: None,
+            endpoint: None,
+            bytes_to_upstream: 0,
+            bytes_to_client: 0,
+            duration_ns: 0,
+            outcome,
+            user: None,
+            database: None,
         }
     }
 
     /// Sets the upstream and the endpoint that served the connection.
-    pub fn with_upstream(mut self, upstream: &str, endpoint: Option<&str>) -> Closed {
-        self.info.upstream = Some(upstream.to_owned());
-        self.info.endpoint = endpoint.map(str::to_owned);
-        self
+    pub fn with_upstream(self, upstream: &str, endpoint: Option<&str>) -> Closed {
+        let mut text = Text(self.text);
+        Closed {
+            upstream: Some(text.push(upstream)),
+            endpoint: text.push_opt(endpoint),
+            text: text.0,
+            ..self
+        }
     }
 
     /// Sets the byte counts.
     pub fn with_bytes(mut self, to_upstream: u64, to_client: u64) -> Closed {
-        self.info.bytes_to_upstream = to_upstream;
-        self.info.bytes_to_client = to_client;
+        self.bytes_to_upstream = to_upstream;
+        self.bytes_to_client = to_client;
         self
     }
 
     /// Sets the duration (saturating at about 584 years).
     pub fn with_duration(mut self, duration: Duration) -> Closed {
-        self.info.duration_ns = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        self.duration_ns = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
         self
     }
 
     /// Sets the PostgreSQL user and database.
-    pub fn with_postgres(mut self, user: Option<&str>, database: Option<&str>) -> Closed {
-        self.info.user = user.map(str::to_owned);
-        self.info.database = database.map(str::to_owned);
-        self
+    pub fn with_postgres(self, user: Option<&str>, database: Option<&str>) -> Closed {
+        let mut text = Text(self.text);
+        Closed {
+            user: text.push_opt(user),
+            database: text.push_opt(database),
+            text: text.0,
+            ..self
+        }
+    }
+
+    fn get(&self, field: &Field) -> &str {
+        self.text.get(field.clone()).unwrap_or("")
+    }
+
+    fn get_opt(&self, field: &Option<Field>) -> Option<&str> {
+        field.as_ref().map(|f| self.get(f))
     }
 }
 
 impl Closed {
     /// The name of the listener that accepted the connection.
     pub fn listener(&self) -> &str {
-        &self.info.listener
+        self.get(&self.listener)
     }
 
     /// The client's address, `ip:port` (`[ip]:port` for IPv6).
     pub fn client_addr(&self) -> &str {
-        &self.info.client_addr
+        self.get(&self.client_addr)
     }
 
     /// The client's IP address, IPv4-mapped addresses as IPv4 (see
     /// [`Connection::client_ip`]).
     pub fn client_ip(&self) -> Option<IpAddr> {
-        parse_ip(&self.info.client_addr)
+        parse_ip(self.client_addr())
     }
 
     /// The upstream the connection was sent to; `None` if it was refused before one was
     /// chosen.
     pub fn upstream(&self) -> Option<&str> {
-        self.info.upstream.as_deref()
+        self.get_opt(&self.upstream)
     }
 
     /// The address of the endpoint that served it (`endpoint.address`); `None` if no
     /// endpoint was connected.
     pub fn endpoint(&self) -> Option<&str> {
-        self.info.endpoint.as_deref()
+        self.get_opt(&self.endpoint)
     }
 
     /// Bytes forwarded from the client to the upstream.
     pub fn bytes_to_upstream(&self) -> u64 {
-        self.info.bytes_to_upstream
+        self.bytes_to_upstream
     }
 
     /// Bytes forwarded from the upstream to the client.
     pub fn bytes_to_client(&self) -> u64 {
-        self.info.bytes_to_client
+        self.bytes_to_client
     }
 
     /// Time from accept to close.
     pub fn duration(&self) -> Duration {
-        Duration::from_nanos(self.info.duration_ns)
+        Duration::from_nanos(self.duration_ns)
     }
 
     /// How the connection ended.
     pub fn outcome(&self) -> Outcome {
-        match self.info.outcome {
+        match self.outcome {
             wit::Outcome::Completed => Outcome::Completed,
             wit::Outcome::Denied => Outcome::Denied,
             wit::Outcome::UpstreamUnreachable => Outcome::UpstreamUnreachable,
@@ -366,85 +512,80 @@ impl Closed {
 
     /// The PostgreSQL `user` startup parameter, if any.
     pub fn db_user(&self) -> Option<&str> {
-        self.info.user.as_deref()
+        self.get_opt(&self.user)
     }
 
     /// The PostgreSQL `database` startup parameter as sent (unlike
     /// [`Connection::database`], not defaulted to the user name).
     pub fn database(&self) -> Option<&str> {
-        self.info.database.as_deref()
+        self.get_opt(&self.database)
     }
 }
 
 impl From<wit::CloseInfo> for Closed {
     fn from(info: wit::CloseInfo) -> Self {
-        Closed { info }
+        let mut closed = Closed::new(&info.listener, &info.client_addr, Outcome::Completed)
+            .with_postgres(info.user.as_deref(), info.database.as_deref());
+        if let Some(upstream) = &info.upstream {
+            closed = closed.with_upstream(upstream, info.endpoint.as_deref());
+        }
+        Closed {
+            bytes_to_upstream: info.bytes_to_upstream,
+            bytes_to_client: info.bytes_to_client,
+            duration_ns: info.duration_ns,
+            outcome: info.outcome,
+            ..closed
+        }
     }
 }
 
 /// A span of `packed-hooks` that holds no value.
 const ABSENT: u64 = u64::MAX;
 
-/// The text of one span of a packed hook argument: `None` for `absent`, and also for a
-/// span that does not lie in `text` on character boundaries (a host bug, answered like
-/// a missing value rather than with a trap).
-fn span(text: &str, span: u64) -> Option<&str> {
+/// The field at `span` of a packed hook argument's `text`: `None` for `absent`, and
+/// also for a span that does not lie in `text` on character boundaries (a host bug,
+/// answered like a missing value rather than with a trap).
+fn field(text: &str, span: u64) -> Option<Field> {
     if span == ABSENT {
         return None;
     }
     let start = usize::try_from(span >> 32).ok()?;
-    let len = usize::try_from(span & 0xffff_ffff).ok()?;
-    text.get(start..start.checked_add(len)?)
+    let end = start.checked_add(usize::try_from(span & 0xffff_ffff).ok()?)?;
+    text.get(start..end).map(|_| start..end)
 }
 
-fn owned(text: &str, s: u64) -> Option<String> {
-    span(text, s).map(str::to_owned)
-}
-
-/// `packed-hooks.on-connect`'s argument as the `connect-info` of `hooks.on-connect`.
-pub(crate) fn unpack_connect(text: &str, s: &ConnectSpans) -> Connection {
-    let postgres = (s.protocol == wit::Protocol::Postgres).then(|| wit::PostgresStartup {
-        user: owned(text, s.user),
-        database: owned(text, s.database),
-        application_name: owned(text, s.application_name),
-        // `name NUL value NUL` pairs.
-        parameters: span(text, s.parameters)
-            .map(|pairs| {
-                let mut fields = pairs.split('\0');
-                let mut out = Vec::new();
-                while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
-                    out.push((name.to_owned(), value.to_owned()));
-                }
-                out
-            })
-            .unwrap_or_default(),
+/// `packed-hooks.on-connect`'s argument, kept as it came: the text is not copied.
+pub(crate) fn unpack_connect(text: String, s: &ConnectSpans) -> Connection {
+    let startup = (s.protocol == wit::Protocol::Postgres).then(|| Startup {
+        user: field(&text, s.user),
+        database: field(&text, s.database),
+        application_name: field(&text, s.application_name),
+        others: field(&text, s.parameters).unwrap_or(0..0),
     });
     Connection {
-        info: wit::ConnectInfo {
-            listener: owned(text, s.listener).unwrap_or_default(),
-            protocol: s.protocol,
-            client_addr: owned(text, s.client_addr).unwrap_or_default(),
-            upstream: owned(text, s.upstream).unwrap_or_default(),
-            postgres,
-        },
+        protocol: s.protocol,
+        listener: field(&text, s.listener).unwrap_or(0..0),
+        client_addr: field(&text, s.client_addr).unwrap_or(0..0),
+        upstream: field(&text, s.upstream).unwrap_or(0..0),
+        startup,
+        text,
     }
 }
 
-/// `packed-hooks.on-close`'s argument as the `close-info` of `hooks.on-close`.
-pub(crate) fn unpack_close(text: &str, s: &CloseSpans) -> Closed {
+/// `packed-hooks.on-close`'s argument, kept as it came.
+pub(crate) fn unpack_close(text: String, s: &CloseSpans) -> Closed {
     Closed {
-        info: wit::CloseInfo {
-            listener: owned(text, s.listener).unwrap_or_default(),
-            client_addr: owned(text, s.client_addr).unwrap_or_default(),
-            upstream: owned(text, s.upstream),
-            endpoint: owned(text, s.endpoint),
-            bytes_to_upstream: s.bytes_to_upstream,
-            bytes_to_client: s.bytes_to_client,
-            duration_ns: s.duration_ns,
-            outcome: s.outcome,
-            user: owned(text, s.user),
-            database: owned(text, s.database),
-        },
+        listener: field(&text, s.listener).unwrap_or(0..0),
+        client_addr: field(&text, s.client_addr).unwrap_or(0..0),
+        upstream: field(&text, s.upstream),
+        endpoint: field(&text, s.endpoint),
+        bytes_to_upstream: s.bytes_to_upstream,
+        bytes_to_client: s.bytes_to_client,
+        duration_ns: s.duration_ns,
+        outcome: s.outcome,
+        user: field(&text, s.user),
+        database: field(&text, s.database),
+        text,
     }
 }
 
@@ -510,7 +651,7 @@ mod tests {
     fn packed_connect_info_unpacks_to_the_same_connection() {
         let text = "pg[::1]:9mainappordersψ-appoptions\0-c x=1\0replication\0on\0";
         let c = unpack_connect(
-            text,
+            text.to_owned(),
             &ConnectSpans {
                 listener: at(text, "pg"),
                 protocol: wit::Protocol::Postgres,
@@ -540,7 +681,7 @@ mod tests {
         // A tcp connection: no startup fields. A span outside the text (a host bug)
         // reads as a missing value, never a trap.
         let c = unpack_connect(
-            "raw10.0.0.1:1u",
+            "raw10.0.0.1:1u".to_owned(),
             &ConnectSpans {
                 listener: at("raw10.0.0.1:1u", "raw"),
                 protocol: wit::Protocol::Tcp,
@@ -561,7 +702,7 @@ mod tests {
     fn packed_close_info_unpacks_to_the_same_closed() {
         let text = "pg127.0.0.1:9orders10.0.0.5:5432";
         let c = unpack_close(
-            text,
+            text.to_owned(),
             &CloseSpans {
                 listener: at(text, "pg"),
                 client_addr: at(text, "127.0.0.1:9"),

@@ -86,12 +86,12 @@ fn connect(connection: Connection) -> wit::Verdict {
 
 /// `packed-hooks.on-connect`: the same hook, its text fields unpacked first.
 pub fn on_connect_packed(text: String, spans: ConnectSpans) -> wit::Verdict {
-    connect(crate::connection::unpack_connect(&text, &spans))
+    connect(crate::connection::unpack_connect(text, &spans))
 }
 
 /// `packed-hooks.on-close`.
 pub fn on_close_packed(text: String, spans: CloseSpans) {
-    close(crate::connection::unpack_close(&text, &spans))
+    close(crate::connection::unpack_close(text, &spans))
 }
 
 /// `on-close`.

@@ -142,7 +142,13 @@ pub struct HostState {
     /// plugin records into the same few series on every call; a hit skips the shared
     /// metric map, building the full label list, and the family's own lookup.
     series: FxHashMap<(String, Vec<String>), Series>,
+    /// The series handed out by number (`host.series`), in order.
+    ids: Vec<Series>,
 }
+
+/// Most series numbers one instance may hold (`host.series`); past it the plugin
+/// records by name.
+const MAX_SERIES_IDS: usize = 1024;
 
 /// Most series one instance keeps in [`HostState::series`]; past it the cache starts
 /// over (the shared metric map still has every series).
@@ -165,6 +171,7 @@ impl HostState {
             last_error_log: None,
             ticks_left: 0,
             series: FxHashMap::default(),
+            ids: Vec::new(),
         }
     }
 }
@@ -302,6 +309,36 @@ impl host::Host for HostState {
             host::HttpHook::OnResponse => HOOK_ON_RESPONSE,
         };
         self.mark_unused(index);
+    }
+
+    fn series(&mut self, name: String, label_values: Vec<String>) -> Option<u32> {
+        if self.ids.len() >= MAX_SERIES_IDS {
+            return None;
+        }
+        let series = self.ctx.metrics.series(&self.ctx, &name, label_values, None)?;
+        self.ids.push(series);
+        u32::try_from(self.ids.len() - 1).ok()
+    }
+
+    fn series_add(&mut self, series: u32, value: u64) {
+        match self.ids.get(series as usize) {
+            Some(Series::Counter(c)) => {
+                c.inc_by(value);
+            }
+            _ => {
+                self.ctx.metrics.dropped.inc();
+            }
+        }
+    }
+
+    fn series_observe(&mut self, series: u32, value: f64) {
+        match self.ids.get(series as usize) {
+            Some(Series::Histogram(h)) if !value.is_nan() => h.observe(value),
+            Some(Series::Histogram(_)) => {}
+            _ => {
+                self.ctx.metrics.dropped.inc();
+            }
+        }
     }
 
     fn now_ns(&mut self) -> u64 {
@@ -461,6 +498,27 @@ impl PluginMetrics {
     /// Records into the series of `name` with label `values`, creating it within the
     /// cap; returns the series, or `None` when the record was dropped.
     fn record(&self, ctx: &PluginContext, name: &str, values: Vec<String>, what: Record) -> Option<Series> {
+        let series = self.series(ctx, name, values, Some(what))?;
+        match (&series, what) {
+            (Series::Counter(c), Record::Add(n)) => {
+                c.inc_by(n);
+            }
+            (Series::Histogram(h), Record::Observe(v)) => h.observe(v),
+            _ => {}
+        }
+        Some(series)
+    }
+
+    /// The series of `name` with label `values`, created within the cap; `None` (and a
+    /// dropped record counted) for an unknown name, a wrong number of values, a record
+    /// of the other kind (`what`), or past the cap.
+    fn series(
+        &self,
+        ctx: &PluginContext,
+        name: &str,
+        values: Vec<String>,
+        what: Option<Record>,
+    ) -> Option<Series> {
         // A read lock: records from many workers go on in parallel (each family
         // locks per series itself); only declarations take the write lock.
         let all = self.metrics.read().ok()?;
@@ -474,7 +532,9 @@ impl PluginMetrics {
         }
         if !matches!(
             (&m.kind, what),
-            (Kind::Counter(_), Record::Add(_)) | (Kind::Histogram(_), Record::Observe(_))
+            (_, None)
+                | (Kind::Counter(_), Some(Record::Add(_)))
+                | (Kind::Histogram(_), Some(Record::Observe(_)))
         ) {
             // A counter record for a histogram or the other way round.
             self.dropped.inc();
@@ -504,13 +564,6 @@ impl PluginMetrics {
                 }
             }
         };
-        match (&series, what) {
-            (Series::Counter(c), Record::Add(n)) => {
-                c.inc_by(n);
-            }
-            (Series::Histogram(h), Record::Observe(v)) => h.observe(v),
-            _ => {}
-        }
         Some(series)
     }
 }
@@ -540,5 +593,65 @@ impl Collector for PluginMetricsCollector {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn value(text: &str, sample: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn records_by_series_number_land_in_the_named_series_and_bad_numbers_are_dropped() {
+        let metrics = Metrics::new();
+        let ctx = Arc::new(PluginContext::new(
+            "p",
+            1,
+            Vec::new(),
+            1 << 20,
+            metrics.plugin_metrics.clone(),
+        ));
+        let mut state = HostState::new(ctx);
+        let host: &mut dyn host::Host = &mut state;
+        host.define_counter("hits".into(), "Hits.".into(), vec!["route".into()])
+            .expect("a counter");
+        host.define_histogram("seconds".into(), "Time.".into(), vec![], vec![1.0])
+            .expect("a histogram");
+        let hits_a = host.series("hits".into(), vec!["a".into()]).expect("a series");
+        let seconds = host.series("seconds".into(), vec![]).expect("a series");
+        assert_ne!(hits_a, seconds);
+        host.series_add(hits_a, 5);
+        host.counter_add("hits".into(), vec!["a".into()], 2);
+        host.series_observe(seconds, 0.5);
+        // Unknown names, wrong label counts, numbers never handed out and records of
+        // the other kind are dropped and counted.
+        assert_eq!(host.series("nope".into(), vec![]), None);
+        assert_eq!(host.series("hits".into(), vec![]), None);
+        host.series_add(99, 1);
+        host.series_add(seconds, 1);
+        host.series_observe(hits_a, 1.0);
+
+        let text = metrics.encode();
+        assert_eq!(
+            value(&text, "wasmbassador_plugin_hits_total{plugin=\"p\",route=\"a\"}"),
+            Some(7.0),
+            "{text}"
+        );
+        assert_eq!(
+            value(&text, "wasmbassador_plugin_seconds_count{plugin=\"p\"}"),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            value(&text, "wasmbassador_plugin_metric_records_dropped_total"),
+            Some(5.0),
+            "{text}"
+        );
     }
 }
