@@ -60,6 +60,16 @@ impl Text {
     }
 }
 
+/// A field of `text` (empty if it does not lie in it, which a value's constructors
+/// rule out).
+fn read<'a>(text: &'a str, field: &Field) -> &'a str {
+    text.get(field.clone()).unwrap_or("")
+}
+
+fn read_opt<'a>(text: &'a str, field: &Option<Field>) -> Option<&'a str> {
+    field.as_ref().map(|f| read(text, f))
+}
+
 /// The startup parameters of a PostgreSQL connection, as fields of its text.
 #[derive(Clone)]
 struct Startup {
@@ -161,20 +171,12 @@ impl Connection {
         self.startup = None;
         self
     }
-
-    fn get(&self, field: &Field) -> &str {
-        self.text.get(field.clone()).unwrap_or("")
-    }
-
-    fn get_opt(&self, field: &Option<Field>) -> Option<&str> {
-        field.as_ref().map(|f| self.get(f))
-    }
 }
 
 impl Connection {
     /// The name of the listener that accepted the connection (`listener.name`).
     pub fn listener(&self) -> &str {
-        self.get(&self.listener)
+        read(&self.text, &self.listener)
     }
 
     /// The listener's protocol.
@@ -188,7 +190,7 @@ impl Connection {
 
     /// The client's address as the listener saw it, `ip:port` (`[ip]:port` for IPv6).
     pub fn client_addr(&self) -> &str {
-        self.get(&self.client_addr)
+        read(&self.text, &self.client_addr)
     }
 
     /// The client's IP address. An IPv4 client of a listener bound to `[::]` arrives as
@@ -202,12 +204,12 @@ impl Connection {
     /// The listener's default upstream (`listener.upstream`): where the connection goes
     /// unless a plugin routes it elsewhere.
     pub fn upstream(&self) -> &str {
-        self.get(&self.upstream)
+        read(&self.text, &self.upstream)
     }
 
     /// The PostgreSQL `user` startup parameter; `None` on other protocols.
     pub fn db_user(&self) -> Option<&str> {
-        self.get_opt(&self.startup.as_ref()?.user)
+        read_opt(&self.text, &self.startup.as_ref()?.user)
     }
 
     /// The PostgreSQL database the client asked for: the `database` startup parameter,
@@ -216,12 +218,12 @@ impl Connection {
     /// `startup_parameter("database")`.
     pub fn database(&self) -> Option<&str> {
         let startup = self.startup.as_ref()?;
-        self.get_opt(&startup.database).or(self.get_opt(&startup.user))
+        read_opt(&self.text, &startup.database).or(read_opt(&self.text, &startup.user))
     }
 
     /// The PostgreSQL `application_name` startup parameter, if the client sent one.
     pub fn application_name(&self) -> Option<&str> {
-        self.get_opt(&self.startup.as_ref()?.application_name)
+        read_opt(&self.text, &self.startup.as_ref()?.application_name)
     }
 
     /// A PostgreSQL startup parameter by name (`"options"`, `"replication"`, `"user"`,
@@ -229,9 +231,9 @@ impl Connection {
     pub fn startup_parameter(&self, name: &str) -> Option<&str> {
         let startup = self.startup.as_ref()?;
         match name {
-            "user" => self.get_opt(&startup.user),
-            "database" => self.get_opt(&startup.database),
-            "application_name" => self.get_opt(&startup.application_name),
+            "user" => read_opt(&self.text, &startup.user),
+            "database" => read_opt(&self.text, &startup.database),
+            "application_name" => read_opt(&self.text, &startup.application_name),
             _ => self
                 .others()
                 .find(|(key, _)| *key == name)
@@ -253,13 +255,13 @@ impl Connection {
         named
             .into_iter()
             .flatten()
-            .filter_map(|(key, field)| Some((key, self.get_opt(field)?)))
+            .filter_map(|(key, field)| Some((key, read_opt(&self.text, field)?)))
             .chain(self.others())
     }
 
     /// The parameters other than the named three, in the order sent.
     fn others(&self) -> impl Iterator<Item = (&str, &str)> {
-        let region = self.startup.as_ref().map_or("", |s| self.get(&s.others));
+        let region = self.startup.as_ref().map_or("", |s| read(&self.text, &s.others));
         let mut parts = region.split('\0');
         std::iter::from_fn(move || Some((parts.next()?, parts.next()?)))
             // The named three have fields of their own, should a host repeat them here.
@@ -445,25 +447,17 @@ impl Closed {
             ..self
         }
     }
-
-    fn get(&self, field: &Field) -> &str {
-        self.text.get(field.clone()).unwrap_or("")
-    }
-
-    fn get_opt(&self, field: &Option<Field>) -> Option<&str> {
-        field.as_ref().map(|f| self.get(f))
-    }
 }
 
 impl Closed {
     /// The name of the listener that accepted the connection.
     pub fn listener(&self) -> &str {
-        self.get(&self.listener)
+        read(&self.text, &self.listener)
     }
 
     /// The client's address, `ip:port` (`[ip]:port` for IPv6).
     pub fn client_addr(&self) -> &str {
-        self.get(&self.client_addr)
+        read(&self.text, &self.client_addr)
     }
 
     /// The client's IP address, IPv4-mapped addresses as IPv4 (see
@@ -475,13 +469,13 @@ impl Closed {
     /// The upstream the connection was sent to; `None` if it was refused before one was
     /// chosen.
     pub fn upstream(&self) -> Option<&str> {
-        self.get_opt(&self.upstream)
+        read_opt(&self.text, &self.upstream)
     }
 
     /// The address of the endpoint that served it (`endpoint.address`); `None` if no
     /// endpoint was connected.
     pub fn endpoint(&self) -> Option<&str> {
-        self.get_opt(&self.endpoint)
+        read_opt(&self.text, &self.endpoint)
     }
 
     /// Bytes forwarded from the client to the upstream.
@@ -512,13 +506,13 @@ impl Closed {
 
     /// The PostgreSQL `user` startup parameter, if any.
     pub fn db_user(&self) -> Option<&str> {
-        self.get_opt(&self.user)
+        read_opt(&self.text, &self.user)
     }
 
     /// The PostgreSQL `database` startup parameter as sent (unlike
     /// [`Connection::database`], not defaulted to the user name).
     pub fn database(&self) -> Option<&str> {
-        self.get_opt(&self.database)
+        read_opt(&self.text, &self.database)
     }
 }
 

@@ -223,26 +223,12 @@ fn linker(engine: &wasmtime::Engine, component: &Component) -> wasmtime::Result<
         let empty_list = |_: wasmtime::StoreContextMut<'_, HostState>,
                           _: wasmtime::component::types::ComponentFunc,
                           _: &[Val],
-                          out: &mut [Val]| {
-            match out.first_mut() {
-                Some(slot) => *slot = Val::List(Vec::new()),
-                // A component that declares this import with no result is refused at
-                // the call, not answered with a host panic.
-                None => wasmtime::bail!("a WASI import declared with no result"),
-            }
-            Ok(())
-        };
+                          out: &mut [Val]| answer(out, Val::List(Vec::new()));
         if import.starts_with("wasi:cli/environment@") {
             let mut i = linker.instance(import)?;
             i.func_new("get-environment", empty_list)?;
             i.func_new("get-arguments", empty_list)?;
-            i.func_new("initial-cwd", |_, _, _, out| match out.first_mut() {
-                Some(slot) => {
-                    *slot = Val::Option(None);
-                    Ok(())
-                }
-                None => wasmtime::bail!("a WASI import declared with no result"),
-            })?;
+            i.func_new("initial-cwd", |_, _, _, out| answer(out, Val::Option(None)))?;
         } else if import.starts_with("wasi:filesystem/preopens@") {
             // An empty list needs no descriptor, so none is ever created.
             linker.instance(import)?.func_new("get-directories", empty_list)?;
@@ -250,6 +236,19 @@ fn linker(engine: &wasmtime::Engine, component: &Component) -> wasmtime::Result<
     }
     linker.allow_shadowing(false);
     Ok(linker)
+}
+
+/// Puts `value` in the one result of a WASI function answered by the host. A component
+/// that declares such an import with no result gets an error at the call, not a host
+/// panic.
+fn answer(out: &mut [Val], value: Val) -> wasmtime::Result<()> {
+    match out.first_mut() {
+        Some(slot) => {
+            *slot = value;
+            Ok(())
+        }
+        None => wasmtime::bail!("a WASI import declared with no result"),
+    }
 }
 
 /// Defines every function of every imported instance outside our own package as a

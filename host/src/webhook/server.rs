@@ -221,20 +221,20 @@ async fn admit(
     options: &crate::inject::InjectOptions,
 ) -> Response<Full<Bytes>> {
     let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), MAX_BODY).collect());
-    let Ok(body) = read.await else {
-        tracing::warn!(
-            path = opt_in.path(),
-            "webhook request refused: body not received within {BODY_TIMEOUT:?}"
-        );
-        return reply(
-            StatusCode::REQUEST_TIMEOUT,
-            TEXT,
-            format!("the body did not arrive within {BODY_TIMEOUT:?}\n"),
-        );
-    };
-    let body = match body {
-        Ok(body) => body.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+    let body = match read.await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Err(_) => {
+            tracing::warn!(
+                path = opt_in.path(),
+                "webhook request refused: body not received within {BODY_TIMEOUT:?}"
+            );
+            return reply(
+                StatusCode::REQUEST_TIMEOUT,
+                TEXT,
+                format!("the body did not arrive within {BODY_TIMEOUT:?}\n"),
+            );
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             tracing::warn!(
                 path = opt_in.path(),
                 "webhook request refused: body over {MAX_BODY} bytes"
@@ -245,7 +245,7 @@ async fn admit(
                 format!("the body is over {MAX_BODY} bytes; an AdmissionReview is never that large\n"),
             );
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             tracing::warn!(path = opt_in.path(), error = %e, "webhook request body unreadable");
             return reply(
                 StatusCode::BAD_REQUEST,
