@@ -19,7 +19,7 @@
 //!
 //! Run: `cargo bench -p wasmbassador --bench plugin_chain` (or `bash bench/plugins.sh`).
 //! Knobs (environment): `CHAIN_CONNS` (per batch, default 20000), `LISTENER_CONNS`
-//! (per round, default 2000), `LISTENER_ROUNDS` (default 5), `CLIENTS` (concurrent
+//! (per round, default 2000), `LISTENER_ROUNDS` (default 9), `CLIENTS` (concurrent
 //! client tasks, default 4), `SWAPS` (default 10). A first argument `chain`,
 //! `http`, `listener` or `swap` runs only that part.
 
@@ -37,7 +37,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use wasmbassador::config::Config;
 use wasmbassador::metrics::Metrics;
-use wasmbassador::plugin::chain::{Chain, Decision};
+use wasmbassador::plugin::chain::{Chain, ChainCache, Decision};
 use wasmbassador::plugin::{
     CloseInfo, ConnectInfo, Header, Outcome, PluginMap, PluginShared, PostgresStartup, Protocol,
     RequestAction, RequestInfo, ResponseInfo, ResponseSource, load_slot,
@@ -200,8 +200,13 @@ path = {all}
 
 /// One connection's worth of plugin work, as `listener.rs` does it: take the chain,
 /// build the hook arguments, `on-connect`, and `on-close` after the session.
-fn one_connection(plugins: &ArcSwap<PluginMap>, names: &[String], peer: SocketAddr) -> Decision {
-    let mut chain = Chain::new(&plugins.load(), names);
+fn one_connection(
+    cache: &ChainCache,
+    plugins: &ArcSwap<PluginMap>,
+    names: &[String],
+    peer: SocketAddr,
+) -> Decision {
+    let mut chain = Chain::new(cache, plugins, names);
     if chain.is_empty() {
         return Decision::Allow { route: None };
     }
@@ -218,17 +223,19 @@ fn one_connection(plugins: &ArcSwap<PluginMap>, names: &[String], peer: SocketAd
         }),
     };
     let decision = black_box(chain.on_connect(&info));
+    // As in `listener.rs`, `on-close` gets the text fields of `on-connect`, moved.
+    let (user, database) = info.postgres.map_or((None, None), |p| (p.user, p.database));
     let close = CloseInfo {
-        listener: "pg".to_string(),
-        client_addr: peer.to_string(),
+        listener: info.listener,
+        client_addr: info.client_addr,
         upstream: Some("orders".to_string()),
         endpoint: Some("127.0.0.1:2".to_string()),
         bytes_to_upstream: 310,
         bytes_to_client: 5120,
         duration_ns: 12_345_678,
         outcome: Outcome::Completed,
-        user: Some("app".to_string()),
-        database: Some("orders".to_string()),
+        user,
+        database,
     };
     chain.on_close(&close);
     decision
@@ -272,6 +279,8 @@ struct ChainRow {
 /// once (each thread does `per_batch`; the figures are per connection on one thread).
 fn time_chain(plugins: &Arc<ArcSwap<PluginMap>>, names: &[String], per_batch: usize, threads: usize) -> Cost {
     let peer: SocketAddr = "127.0.0.1:50412".parse().expect("address");
+    // One listener's cache, shared by the threads as by a listener's connections.
+    let cache = ChainCache::default();
     let (mut wall, mut cpu) = (Vec::new(), Vec::new());
     let started = Instant::now();
     let mut per_batch = per_batch;
@@ -283,7 +292,9 @@ fn time_chain(plugins: &Arc<ArcSwap<PluginMap>>, names: &[String], per_batch: us
                         let t = Instant::now();
                         let c = thread_cpu_ns();
                         for _ in 0..per_batch {
-                            if let Decision::Deny { plugin, reason } = one_connection(plugins, names, peer) {
+                            if let Decision::Deny { plugin, reason } =
+                                one_connection(&cache, plugins, names, peer)
+                            {
                                 panic!("the bench chain denied: {plugin}: {reason}");
                             }
                         }
@@ -414,14 +425,13 @@ fn header(name: &str, value: &str) -> Header {
 
 /// One request's worth of plugin work, as `http/hooks.rs` does it: take the chain,
 /// `on-request` in order, `on-response` in reverse, for the plugins that use them.
-fn one_request(plugins: &ArcSwap<PluginMap>, names: &[String], client_addr: &str) -> usize {
-    let chain: Vec<_> = {
-        let map = plugins.load();
-        names
-            .iter()
-            .filter_map(|n| map.get(n).map(|s| s.current.load_full()))
-            .collect()
-    };
+fn one_request(
+    cache: &ChainCache,
+    plugins: &ArcSwap<PluginMap>,
+    names: &[String],
+    client_addr: &str,
+) -> usize {
+    let chain = cache.current(plugins, names).unwrap_or_default();
     let mut info = RequestInfo {
         listener: "api".to_string(),
         client_addr: client_addr.to_string(),
@@ -432,7 +442,7 @@ fn one_request(plugins: &ArcSwap<PluginMap>, names: &[String], client_addr: &str
         upstream: "api".to_string(),
     };
     let mut edits = 0;
-    for p in &chain {
+    for p in chain.iter() {
         if !p.wants_requests() {
             continue;
         }
@@ -475,6 +485,7 @@ fn one_request(plugins: &ArcSwap<PluginMap>, names: &[String], client_addr: &str
 fn time_requests(plugins: &ArcSwap<PluginMap>, names: &[String], per_batch: usize) -> Cost {
     // The app connection's address is formatted once per connection, not per request.
     let peer = "127.0.0.1:50412";
+    let cache = ChainCache::default();
     let (mut wall, mut cpu) = (Vec::new(), Vec::new());
     let started = Instant::now();
     let mut per_batch = per_batch;
@@ -482,7 +493,7 @@ fn time_requests(plugins: &ArcSwap<PluginMap>, names: &[String], per_batch: usiz
         let t = Instant::now();
         let c = thread_cpu_ns();
         for _ in 0..per_batch {
-            black_box(one_request(plugins, names, peer));
+            black_box(one_request(&cache, plugins, names, peer));
         }
         let ns = t.elapsed().as_nanos() as f64 / per_batch as f64;
         let c = match (c, thread_cpu_ns()) {
@@ -771,6 +782,9 @@ async fn round(addr: SocketAddr, n: usize, clients: usize) -> Round {
 struct ListenerRow {
     label: &'static str,
     rate: f64,
+    /// Median over rounds of this rate over the 0-plugin rate of the same round: a
+    /// paired ratio, which drift between rounds moves less than a ratio of medians.
+    vs_p0: f64,
     /// On-CPU time of the wasmbassador process per connection (all its threads).
     cpu_us: Option<f64>,
     p50: Duration,
@@ -781,7 +795,7 @@ struct ListenerRow {
 
 async fn listener_bench(amb: &Ambassador, echo: SocketAddr) -> Vec<ListenerRow> {
     let n = env_usize("LISTENER_CONNS", 2000);
-    let rounds = env_usize("LISTENER_ROUNDS", 5);
+    let rounds = env_usize("LISTENER_ROUNDS", 9);
     let clients = env_usize("CLIENTS", 4).max(1);
     let targets: [(&'static str, SocketAddr); 4] = [
         ("direct (no proxy)", echo),
@@ -818,6 +832,9 @@ async fn listener_bench(amb: &Ambassador, echo: SocketAddr) -> Vec<ListenerRow> 
         }
         eprintln!("listener round {}/{rounds} done", r + 1);
     }
+    let mut paired: Vec<Vec<f64>> = (0..targets.len())
+        .map(|i| rates[i].iter().zip(&rates[1]).map(|(r, p0)| r / p0).collect())
+        .collect();
     targets
         .iter()
         .enumerate()
@@ -825,6 +842,7 @@ async fn listener_bench(amb: &Ambassador, echo: SocketAddr) -> Vec<ListenerRow> 
             lats[i].sort();
             ListenerRow {
                 label,
+                vs_p0: median(&mut paired[i]),
                 rate: median(&mut rates[i]),
                 cpu_us: (!cpu[i].is_empty()).then(|| median(&mut cpu[i])),
                 p50: percentile(&lats[i], 0.5),
@@ -990,15 +1008,15 @@ fn main() {
             if run("listener") {
                 let rows = listener_bench(&amb, echo).await;
                 let direct = rows[0].rate;
-                let p0 = rows[1].rate;
                 report.push_str(&format!(
                     "### (b) New connections through a running wasmbassador (tcp listener, release build)\n\n\
                      {} rounds × {} connections per target, {} concurrent clients, rounds interleaved; \
                      each connection: connect, 8 bytes each way, close. Rate = median of rounds; \
+                     vs 0 plugins = median of each round's rate over the 0-plugin rate of that round; \
                      CPU = on-CPU time of all wasmbassador threads per connection, median of rounds; \
                      latency = connect to close, over all rounds. Client, echo server and \
                      wasmbassador share the machine's cores.\n\n",
-                    env_usize("LISTENER_ROUNDS", 5),
+                    env_usize("LISTENER_ROUNDS", 9),
                     env_usize("LISTENER_CONNS", 2000),
                     env_usize("CLIENTS", 4).max(1),
                 ));
@@ -1013,7 +1031,7 @@ fn main() {
                         r.label,
                         r.rate,
                         r.rate / direct,
-                        if r.label.starts_with("direct") { dash() } else { format!("{:.3}", r.rate / p0) },
+                        if r.label.starts_with("direct") { dash() } else { format!("{:.3}", r.vs_p0) },
                         r.cpu_us.map(|c| format!("{c:.1}")).unwrap_or_else(dash),
                         us(r.p50),
                         us(r.p99),

@@ -17,7 +17,7 @@ use crate::config::{ListenerConfig, Protocol};
 use crate::connect::Handshake;
 use crate::forward::{ByteCounters, Ending, forward};
 use crate::metrics::{BytesLabels, ListenerLabels, RejectLabels, ResultLabels};
-use crate::plugin::chain::{Chain, Decision};
+use crate::plugin::chain::{Chain, ChainCache, Decision};
 use crate::plugin::{
     CloseInfo, ConnectInfo, Outcome, PostgresStartup, Protocol as PluginProtocol, RouteTarget,
 };
@@ -33,6 +33,10 @@ pub struct ListenerState {
     pub config: ListenerConfig,
     /// Open-connection limit (`max_connections`).
     pub limit: Arc<Semaphore>,
+    /// The current versions of `config.plugins`, for each new connection or request.
+    pub chain: ChainCache,
+    /// `http_requests` counters by status class (see `http::serve`), looked up once.
+    pub(crate) http_requests: [std::sync::OnceLock<prometheus_client::metrics::counter::Counter>; 5],
     labels: ListenerLabels,
 }
 
@@ -50,6 +54,8 @@ impl ListenerState {
             },
             config,
             limit,
+            chain: ChainCache::default(),
+            http_requests: Default::default(),
         }
     }
 }
@@ -163,23 +169,20 @@ async fn serve(
         _ => Some(None),
     };
     if let Some(startup) = startup {
-        let mut chain = Chain::new(&shared.plugins.load(), &st.config.plugins);
-        let param = |name: &str| {
-            startup
-                .as_ref()
-                .and_then(|s| s.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
-        };
+        let mut chain = Chain::new(&st.chain, &shared.plugins, &st.config.plugins);
+        // Its text fields are moved in from the `on-connect` arguments when there is
+        // a chain (see `session`), and stay empty (no allocation) when there is not.
         let mut close = CloseInfo {
-            listener: st.config.name.clone(),
-            client_addr: peer.to_string(),
+            listener: String::new(),
+            client_addr: String::new(),
             upstream: None,
             endpoint: None,
             bytes_to_upstream: 0,
             bytes_to_client: 0,
             duration_ns: 0,
             outcome: Outcome::Error,
-            user: param("user"),
-            database: param("database"),
+            user: None,
+            database: None,
         };
         close.outcome = session(&shared, &st, sock, peer, startup, &mut chain, &mut close).await;
         if !chain.is_empty() {
@@ -258,7 +261,15 @@ async fn session(
     let mut routed_by = None;
     if !chain.is_empty() {
         let info = connect_info(st, peer, &startup);
-        match chain.on_connect(&info) {
+        let decision = chain.on_connect(&info);
+        // `on-close` gets the same listener, address, user and database.
+        close.listener = info.listener;
+        close.client_addr = info.client_addr;
+        if let Some(pg) = info.postgres {
+            close.user = pg.user;
+            close.database = pg.database;
+        }
+        match decision {
             Decision::Deny { plugin, reason } => {
                 shared.metrics.plugin_denials.get_or_create(&st.labels).inc();
                 tracing::info!(listener = %st.config.name, %peer, %plugin, %reason, "connection denied by plugin");

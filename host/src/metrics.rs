@@ -1,11 +1,91 @@
 //! Prometheus metrics of the host itself, all prefixed `wasmbassador_`.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
+
+/// A histogram of durations that records with atomic adds and no lock, for the
+/// series written on every hook call and every HTTP request. prometheus-client's
+/// [`Histogram`] takes a mutex per observation, which the connection threads would
+/// all take for the same plugin or endpoint. Written here rather than taken from a
+/// crate because the exporter is prometheus-client's: this only implements its
+/// `EncodeMetric`. The sum is kept in whole nanoseconds, so it is exact and needs no
+/// compare-and-swap loop; `_count` is the sum of the buckets.
+#[derive(Debug, Clone)]
+pub struct DurationHistogram(Arc<DurationBuckets>);
+
+#[derive(Debug)]
+struct DurationBuckets {
+    /// Upper bounds in seconds, as exported.
+    bounds: Box<[f64]>,
+    /// The same in nanoseconds, for the comparison per observation.
+    bounds_ns: Box<[u64]>,
+    /// One more than `bounds`: the last is `+Inf`.
+    counts: Box<[AtomicU64]>,
+    sum_ns: AtomicU64,
+}
+
+impl DurationHistogram {
+    /// A histogram with these upper bounds, in seconds and ascending.
+    pub fn new(bounds: impl IntoIterator<Item = f64>) -> Self {
+        let bounds: Box<[f64]> = bounds.into_iter().collect();
+        let bounds_ns = bounds.iter().map(|b| (b * 1e9) as u64).collect();
+        let counts = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
+        DurationHistogram(Arc::new(DurationBuckets {
+            bounds,
+            bounds_ns,
+            counts,
+            sum_ns: AtomicU64::new(0),
+        }))
+    }
+
+    /// Records one duration.
+    pub fn observe(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let b = &self.0;
+        // The first bound at or above `ns` (Prometheus buckets are `le`).
+        let i = b.bounds_ns.partition_point(|&bound| bound < ns);
+        b.counts[i].fetch_add(1, Ordering::Relaxed);
+        b.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.0.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl TypedMetric for DurationHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for DurationHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let b = &self.0;
+        let buckets: Vec<(f64, u64)> = b
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::MAX))
+            .zip(b.counts.iter().map(|c| c.load(Ordering::Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = b.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
 
 /// Labels of per-listener series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -141,7 +221,7 @@ pub struct Metrics {
     /// Failed plugin hook calls by kind.
     pub plugin_failures: Family<PluginResultLabels, Counter>,
     /// Plugin hook call latency, instance checkout included.
-    pub plugin_call_duration: Family<PluginHookLabels, Histogram>,
+    pub plugin_call_duration: Family<PluginHookLabels, DurationHistogram>,
     /// Plugin loads and hot swaps by result.
     pub plugin_reloads: Family<PluginLabels, Counter>,
     /// Connections refused by a plugin's deny (or its failure under `on_error = "deny"`).
@@ -149,7 +229,7 @@ pub struct Metrics {
     /// HTTP requests answered per listener and status class (local 502/504 included).
     pub http_requests: Family<HttpRequestLabels, Counter>,
     /// Time from sending a request upstream to its response head, per endpoint.
-    pub http_upstream_duration: Family<EndpointLabels, Histogram>,
+    pub http_upstream_duration: Family<EndpointLabels, DurationHistogram>,
     /// Upstream connections opened by HTTP pools (reuse shows as few of these).
     pub http_connections_opened: Family<HttpConnectionLabels, Counter>,
     /// Upstream connections of HTTP pools open now, idle or busy (the pool's size).
@@ -160,14 +240,22 @@ pub struct Metrics {
     pub plugin_metrics: std::sync::Arc<crate::plugin::host::PluginMetrics>,
 }
 
-fn plugin_histogram() -> Histogram {
+fn plugin_histogram() -> DurationHistogram {
     // 250 ns .. ~4 ms
-    Histogram::new(exponential_buckets(0.000_000_25, 2.0, 15))
+    DurationHistogram::new(exponential_buckets(0.000_000_25, 2.0, 15))
+}
+
+/// 100 µs .. ~3.3 s: connect times and HTTP response heads.
+fn connect_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.0001, 2.0, 16)
 }
 
 fn connect_histogram() -> Histogram {
-    // 100 µs .. ~3.3 s
-    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+    Histogram::new(connect_buckets())
+}
+
+fn http_histogram() -> DurationHistogram {
+    DurationHistogram::new(connect_buckets())
 }
 
 impl Default for Metrics {
@@ -199,7 +287,7 @@ impl Metrics {
             plugin_reloads: Family::default(),
             plugin_denials: Family::default(),
             http_requests: Family::default(),
-            http_upstream_duration: Family::new_with_constructor(connect_histogram),
+            http_upstream_duration: Family::new_with_constructor(http_histogram),
             http_connections_opened: Family::default(),
             http_connections_open: Family::default(),
             http_retries: Family::default(),
@@ -322,5 +410,35 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duration_histogram_exports_cumulative_buckets_count_and_exact_sum() {
+        let mut registry = Registry::default();
+        let h = DurationHistogram::new([0.001, 0.01]);
+        registry.register("took", "Durations", h.clone());
+        h.observe(Duration::from_micros(500));
+        // On a bound: Prometheus buckets are "less than or equal".
+        h.observe(Duration::from_millis(1));
+        h.observe(Duration::from_millis(5));
+        h.observe(Duration::from_secs(2));
+        assert_eq!(h.count(), 4);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        for line in [
+            "took_bucket{le=\"0.001\"} 2",
+            "took_bucket{le=\"0.01\"} 3",
+            "took_bucket{le=\"+Inf\"} 4",
+            "took_count 4",
+            "took_sum 2.0065",
+            "# TYPE took histogram",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
+        }
     }
 }

@@ -19,6 +19,9 @@ pub struct Endpoint {
     /// As configured.
     pub config: EndpointConfig,
     labels: EndpointLabels,
+    /// Its `http_upstream_duration` series, looked up on first use rather than per
+    /// request.
+    http_duration: OnceLock<crate::metrics::DurationHistogram>,
     healthy: AtomicBool,
     check_streak: Mutex<(u32, u32)>,
     connect_failures: AtomicU32,
@@ -40,6 +43,7 @@ impl Endpoint {
                 endpoint: config.address.clone(),
             },
             config,
+            http_duration: OnceLock::new(),
             healthy: AtomicBool::new(true),
             check_streak: Mutex::new((0, 0)),
             connect_failures: AtomicU32::new(0),
@@ -69,6 +73,12 @@ impl Endpoint {
     /// Metric labels of this endpoint.
     pub fn labels(&self) -> &EndpointLabels {
         &self.labels
+    }
+
+    /// Its series of `http_upstream_duration_seconds` in `metrics`.
+    pub fn http_duration(&self, metrics: &Metrics) -> &crate::metrics::DurationHistogram {
+        self.http_duration
+            .get_or_init(|| metrics.http_upstream_duration.get_or_create(&self.labels).clone())
     }
 }
 

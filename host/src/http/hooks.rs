@@ -33,15 +33,11 @@ impl Ctx {
     /// Serves one request through the listener's plugins.
     pub(super) async fn with_plugins(&self, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
-        let chain: Vec<Arc<Loaded>> = {
-            let map = self.shared.plugins.load();
-            self.st
-                .config
-                .plugins
-                .iter()
-                .filter_map(|n| map.get(n).map(|s| s.current.load_full()))
-                .collect()
-        };
+        let chain: Arc<[Arc<Loaded>]> = self
+            .st
+            .chain
+            .current(&self.shared.plugins, &self.st.config.plugins)
+            .unwrap_or_default();
         let listener_upstream = self.st.config.upstream.as_str();
         if super::headers::wants_upgrade(&req) {
             // The hooks see requests and responses; an upgraded connection is neither.
@@ -77,7 +73,7 @@ impl Ctx {
         let mut retryable = false;
         let mut reached = 0;
         let mut early: Option<(Response<Body>, ResponseSource)> = None;
-        for p in &chain {
+        for p in chain.iter() {
             reached += 1;
             if !p.wants_requests() {
                 continue;

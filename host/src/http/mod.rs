@@ -203,14 +203,7 @@ impl Ctx {
         } else {
             self.with_plugins(req).await
         };
-        self.shared
-            .metrics
-            .http_requests
-            .get_or_create(&HttpRequestLabels {
-                listener: self.st.config.name.clone(),
-                class: status_class(resp.status()),
-            })
-            .inc();
+        self.st.http_requests(&self.shared.metrics, resp.status()).inc();
         resp
     }
 
@@ -553,11 +546,9 @@ impl Ctx {
         trace.from_upstream = true;
         if let Some(info) = resp.extensions().get::<ConnInfo>() {
             trace.endpoint = Some(info.endpoint.clone());
-            self.shared
-                .metrics
-                .http_upstream_duration
-                .get_or_create(info.endpoint.labels())
-                .observe(sent.elapsed().as_secs_f64());
+            info.endpoint
+                .http_duration(&self.shared.metrics)
+                .observe(sent.elapsed());
             if info.opened.elapsed() >= pool.max_lifetime
                 && let Some(c) = captured.connection_metadata().as_ref()
             {
@@ -621,13 +612,27 @@ fn local(status: StatusCode, text: String) -> Response<Body> {
     r
 }
 
-fn status_class(s: StatusCode) -> &'static str {
-    match s.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+/// The status classes, in the order of [`ListenerState::http_requests`]'s counters.
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn status_class(s: StatusCode) -> usize {
+    (s.as_u16() / 100).clamp(1, 5) as usize - 1
+}
+
+impl ListenerState {
+    /// This listener's `http_requests` counter for `status`'s class, looked up once
+    /// per class rather than per request (a label `String` and a hashed lookup).
+    fn http_requests(&self, metrics: &crate::metrics::Metrics, status: StatusCode) -> &Counter {
+        let class = status_class(status);
+        self.http_requests[class].get_or_init(|| {
+            metrics
+                .http_requests
+                .get_or_create(&HttpRequestLabels {
+                    listener: self.config.name.clone(),
+                    class: STATUS_CLASSES[class],
+                })
+                .clone()
+        })
     }
 }
 

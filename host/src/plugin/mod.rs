@@ -24,7 +24,6 @@ use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use wasmtime::component::InstancePre;
 use wasmtime::{Store, UpdateDeadline};
@@ -38,7 +37,7 @@ use host::{HostState, PluginContext, PluginMetrics};
 pub use load::LoadError;
 
 use crate::config::{OnError, PluginConfig};
-use crate::metrics::{Metrics, PluginHookLabels, PluginLabels, PluginResultLabels};
+use crate::metrics::{DurationHistogram, Metrics, PluginHookLabels, PluginLabels, PluginResultLabels};
 
 /// Idle lists per plugin version; a thread uses one of them (connection thread `i`
 /// uses list `i % IDLE_SLOTS`).
@@ -113,7 +112,7 @@ struct Guests {
 /// family lookups) cost about as much as the component call itself.
 struct HookMetrics {
     calls: Counter,
-    duration: Histogram,
+    duration: DurationHistogram,
 }
 
 impl HookMetrics {
@@ -129,10 +128,10 @@ impl HookMetrics {
     }
 }
 
-/// Counters that survive swaps: one set per plugin name.
+/// Counters that survive swaps: one set per plugin name. (Calls are not here: the
+/// `plugin_calls` series of the plugin's name already count them across versions.)
 #[derive(Debug, Default)]
 pub struct Stats {
-    calls: AtomicU64,
     errors: AtomicU64,
     timeouts: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -190,6 +189,19 @@ impl Loaded {
     /// The failure policy.
     pub fn on_error(&self) -> OnError {
         self.config.on_error
+    }
+
+    /// Hook calls under this plugin's name, every version included.
+    fn calls(&self) -> u64 {
+        [
+            &self.on_connect_metrics,
+            &self.on_close_metrics,
+            &self.on_request_metrics,
+            &self.on_response_metrics,
+        ]
+        .iter()
+        .map(|m| m.calls.get())
+        .sum()
     }
 
     fn deadline_ticks(&self) -> u64 {
@@ -267,7 +279,6 @@ impl Loaded {
         f: impl FnOnce(&mut Store<HostState>, &Guests) -> wasmtime::Result<R>,
     ) -> Result<R, HookError> {
         let started = Instant::now();
-        self.stats.calls.fetch_add(1, Ordering::Relaxed);
         metrics.calls.inc();
         let idle = &self.idle[idle_slot()].0;
         let warm = idle.lock().ok().and_then(|mut v| v.pop());
@@ -291,7 +302,7 @@ impl Loaded {
                 }
             }
         };
-        metrics.duration.observe(started.elapsed().as_secs_f64());
+        metrics.duration.observe(started.elapsed());
         if let Err(e) = &result {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
             if matches!(e, HookError::Timeout(_)) {
@@ -437,6 +448,7 @@ impl Slot {
                 let loaded = Arc::new(loaded);
                 self.generation.store(generation, Ordering::Relaxed);
                 self.current.store(loaded.clone());
+                chain::swapped();
                 shared
                     .metrics
                     .plugin_reloads
@@ -577,7 +589,7 @@ pub fn status(plugins: &PluginMap) -> Vec<PluginStatus> {
                 sha256: cur.sha256.clone(),
                 loaded_at: humantime::format_rfc3339_millis(cur.loaded_at).to_string(),
                 generation: cur.generation,
-                calls: s.calls.load(Ordering::Relaxed),
+                calls: cur.calls(),
                 errors: s.errors.load(Ordering::Relaxed),
                 timeouts: s.timeouts.load(Ordering::Relaxed),
                 last_error: s.last_error.lock().ok().and_then(|l| l.clone()),
