@@ -1,7 +1,7 @@
 //! Prometheus metrics of the host itself, all prefixed `wasmbassador_`.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
@@ -63,6 +63,40 @@ impl DurationHistogram {
     }
 }
 
+/// A counter whose value is the `_count` of one [`DurationHistogram`]: `plugin_calls`
+/// reads the calls from `plugin_call_duration`, so that a hook call records into one
+/// series instead of two. A new series follows nothing (and reads 0) until
+/// [`follow`](CallCount::follow) is called.
+#[derive(Debug, Clone, Default)]
+pub struct CallCount(Arc<OnceLock<DurationHistogram>>);
+
+impl CallCount {
+    /// Counts the observations of `h` (the first call wins: one label set has one
+    /// histogram).
+    pub fn follow(&self, h: &DurationHistogram) {
+        let _ = self.0.set(h.clone());
+    }
+
+    /// The count now.
+    pub fn get(&self) -> u64 {
+        self.0.get().map_or(0, DurationHistogram::count)
+    }
+}
+
+impl TypedMetric for CallCount {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for CallCount {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<NoLabelSet, _, u64>(&self.get(), None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 impl TypedMetric for DurationHistogram {
     const TYPE: MetricType = MetricType::Histogram;
 }
@@ -74,7 +108,7 @@ impl EncodeMetric for DurationHistogram {
             .bounds
             .iter()
             .copied()
-            .chain(std::iter::once(f64::MAX))
+            .chain(std::iter::once(f64::INFINITY))
             .zip(b.counts.iter().map(|c| c.load(Ordering::Relaxed)))
             .collect();
         let count = buckets.iter().map(|(_, n)| n).sum();
@@ -217,7 +251,7 @@ pub struct Metrics {
     /// PostgreSQL CancelRequests by result (`forwarded`, `unknown_session`, `failed`).
     pub cancel_requests: Family<ResultLabels, Counter>,
     /// Plugin hook calls.
-    pub plugin_calls: Family<PluginHookLabels, Counter>,
+    pub plugin_calls: Family<PluginHookLabels, CallCount>,
     /// Failed plugin hook calls by kind.
     pub plugin_failures: Family<PluginResultLabels, Counter>,
     /// Plugin hook call latency, instance checkout included.
@@ -440,5 +474,26 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn plugin_calls_are_the_count_of_the_call_latency_histogram() {
+        let m = Metrics::new();
+        let labels = PluginHookLabels {
+            plugin: "audit".into(),
+            hook: "on_connect",
+        };
+        let h = m.plugin_call_duration.get_or_create(&labels).clone();
+        m.plugin_calls.get_or_create(&labels).follow(&h);
+        for _ in 0..3 {
+            h.observe(Duration::from_micros(2));
+        }
+        let text = m.encode();
+        let line = "wasmbassador_plugin_calls_total{plugin=\"audit\",hook=\"on_connect\"} 3";
+        assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
+        assert!(
+            text.contains("# TYPE wasmbassador_plugin_calls counter"),
+            "{text}"
+        );
     }
 }

@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use wasmtime::component::InstancePre;
 use wasmtime::{Store, UpdateDeadline};
@@ -107,11 +106,11 @@ struct Guests {
     packed: Option<packed_hooks::Guest>,
 }
 
-/// The call counter and latency histogram of one hook of one plugin, looked up once
-/// per loaded version: per call, a label lookup (a `String` clone and two hashed
-/// family lookups) cost about as much as the component call itself.
+/// The latency histogram of one hook of one plugin (whose `_count` is also the
+/// `plugin_calls` counter), looked up once per loaded version: per call, a label
+/// lookup (a `String` clone and two hashed family lookups) cost about as much as the
+/// component call itself.
 struct HookMetrics {
-    calls: Counter,
     duration: DurationHistogram,
 }
 
@@ -121,15 +120,14 @@ impl HookMetrics {
             plugin: plugin.to_string(),
             hook,
         };
-        HookMetrics {
-            calls: metrics.plugin_calls.get_or_create(&labels).clone(),
-            duration: metrics.plugin_call_duration.get_or_create(&labels).clone(),
-        }
+        let duration = metrics.plugin_call_duration.get_or_create(&labels).clone();
+        metrics.plugin_calls.get_or_create(&labels).follow(&duration);
+        HookMetrics { duration }
     }
 }
 
 /// Counters that survive swaps: one set per plugin name. (Calls are not here: the
-/// `plugin_calls` series of the plugin's name already count them across versions.)
+/// `plugin_call_duration` series of the plugin's name count them across versions.)
 #[derive(Debug, Default)]
 pub struct Stats {
     errors: AtomicU64,
@@ -200,7 +198,7 @@ impl Loaded {
             &self.on_response_metrics,
         ]
         .iter()
-        .map(|m| m.calls.get())
+        .map(|m| m.duration.count())
         .sum()
     }
 
@@ -279,7 +277,6 @@ impl Loaded {
         f: impl FnOnce(&mut Store<HostState>, &Guests) -> wasmtime::Result<R>,
     ) -> Result<R, HookError> {
         let started = Instant::now();
-        metrics.calls.inc();
         let idle = &self.idle[idle_slot()].0;
         let warm = idle.lock().ok().and_then(|mut v| v.pop());
         let result = match warm.map(Ok).unwrap_or_else(|| self.fresh()) {
