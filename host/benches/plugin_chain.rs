@@ -33,14 +33,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use wasmbassador::config::Config;
 use wasmbassador::metrics::Metrics;
 use wasmbassador::plugin::chain::{Chain, ChainCache, Decision};
+use wasmbassador::plugin::packed::{RequestArgs, RequestHead, ResponseArgs, ResponseHead};
 use wasmbassador::plugin::{
-    CloseInfo, ConnectInfo, Header, Outcome, PluginMap, PluginShared, PostgresStartup, Protocol,
-    RequestAction, RequestInfo, ResponseInfo, ResponseSource, load_slot,
+    CloseInfo, ConnectInfo, HeaderEdit, Outcome, PluginMap, PluginShared, PostgresStartup, Protocol,
+    RequestAction, ResponseSource, load_slot,
 };
 
 /// The release binary cargo built for this bench.
@@ -416,11 +418,34 @@ config = {{ routes = [{{ name = "root", prefix = "/" }}] }}
     load_plugins(&text)
 }
 
-fn header(name: &str, value: &str) -> Header {
-    Header {
-        name: name.to_string(),
-        value: value.as_bytes().to_vec(),
+/// A header map from `(name, value)` pairs.
+fn header_map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (name, value) in pairs {
+        map.append(*name, HeaderValue::from_static(value));
     }
+    map
+}
+
+/// A plugin's header edits, applied as `http/hooks.rs` applies them.
+fn apply(headers: &mut HeaderMap, edits: Vec<HeaderEdit>) -> usize {
+    let n = edits.len();
+    for edit in edits {
+        match edit {
+            HeaderEdit::Set(h) | HeaderEdit::Append(h) => {
+                if let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(h.name.as_bytes()),
+                    HeaderValue::from_bytes(&h.value),
+                ) {
+                    headers.insert(name, value);
+                }
+            }
+            HeaderEdit::Remove(name) => {
+                headers.remove(name.as_str());
+            }
+        }
+    }
+    n
 }
 
 /// One request's worth of plugin work, as `http/hooks.rs` does it: take the chain,
@@ -432,50 +457,62 @@ fn one_request(
     client_addr: &str,
 ) -> usize {
     let chain = cache.current(plugins, names).unwrap_or_default();
-    let mut info = RequestInfo {
-        listener: "api".to_string(),
-        client_addr: client_addr.to_string(),
-        method: "GET".to_string(),
-        path: "/hello.txt".to_string(),
-        authority: Some("127.0.0.1:8080".to_string()),
-        headers: Vec::new(),
-        upstream: "api".to_string(),
-    };
+    let mut headers = header_map(&[("user-agent", "curl/8.5.0"), ("accept", "*/*")]);
+    let mut args = RequestArgs::default();
     let mut edits = 0;
     for p in chain.iter() {
         if !p.wants_requests() {
             continue;
         }
-        info.headers = vec![header("user-agent", "curl/8.5.0"), header("accept", "*/*")];
-        match p.on_request(&info) {
-            Ok(RequestAction::Forward(f)) => edits += f.headers.len(),
+        let head = RequestHead {
+            listener: "api",
+            client_addr,
+            method: "GET",
+            path: "/hello.txt",
+            authority: Some("127.0.0.1:8080"),
+            headers: &headers,
+            upstream: "api",
+        };
+        match p.on_request(&head, &mut args) {
+            Ok(RequestAction::Forward(f)) => {
+                if !f.headers.is_empty() {
+                    edits += apply(&mut headers, f.headers);
+                    args.clear();
+                }
+            }
             Ok(RequestAction::Respond(_)) => panic!("plugin {} answered locally", p.name()),
             Err(e) => panic!("plugin {} failed: {e}", p.name()),
         }
     }
     if chain.iter().any(|p| p.wants_responses()) {
-        let seen = ResponseInfo {
-            listener: info.listener,
-            method: info.method,
-            path: info.path,
-            upstream: "api".to_string(),
-            endpoint: Some("127.0.0.1:1".to_string()),
-            status: 200,
-            headers: vec![
-                header("server", "nginx/1.22.1"),
-                header("date", "Sun, 22 Nov 2026 09:00:00 GMT"),
-                header("content-type", "text/plain"),
-                header("content-length", "128"),
-                header("last-modified", "Sun, 22 Nov 2026 08:00:00 GMT"),
-                header("etag", "\"6740c000-80\""),
-                header("accept-ranges", "bytes"),
-            ],
-            source: ResponseSource::Upstream,
-            duration_ns: 180_000,
-            attempts: 1,
-        };
+        let mut headers = header_map(&[
+            ("server", "nginx/1.22.1"),
+            ("date", "Sun, 22 Nov 2026 09:00:00 GMT"),
+            ("content-type", "text/plain"),
+            ("content-length", "128"),
+            ("last-modified", "Sun, 22 Nov 2026 08:00:00 GMT"),
+            ("etag", "\"6740c000-80\""),
+            ("accept-ranges", "bytes"),
+        ]);
+        let mut args = ResponseArgs::default();
         for p in chain.iter().rev() {
-            edits += p.on_response(&seen).len();
+            let head = ResponseHead {
+                listener: "api",
+                method: "GET",
+                path: "/hello.txt",
+                upstream: "api",
+                endpoint: Some("127.0.0.1:1"),
+                status: 200,
+                headers: &headers,
+                source: ResponseSource::Upstream,
+                duration_ns: 180_000,
+                attempts: 1,
+            };
+            let e = p.on_response(&head, &mut args);
+            if !e.is_empty() {
+                edits += apply(&mut headers, e);
+                args.clear();
+            }
         }
     }
     edits

@@ -1509,6 +1509,7 @@ async fn http_plugins_run_in_order_see_earlier_edits_route_answer_locally_and_fa
     };
     let amb = start(&[
         listener_block("chain", "one", r#"plugins = ["a", "b", "c"]"#),
+        listener_block("mixed", "one", r#"plugins = ["a", "compat", "c"]"#),
         listener_block("local", "one", r#"plugins = ["a", "answer", "c"]"#),
         listener_block("lost", "one", r#"plugins = ["to-ghost"]"#),
         listener_block("tagged", "pair", r#"plugins = ["to-canary"]"#),
@@ -1522,6 +1523,7 @@ async fn http_plugins_run_in_order_see_earlier_edits_route_answer_locally_and_fa
         stamp("a", r#"name = "a""#),
         stamp("b", r#"name = "b", route_upstream = "two""#),
         stamp("c", r#"name = "c""#),
+        plugin_block("compat", "compat-0-1-3", ""),
         stamp("answer", r#"name = "answer", respond = 401"#),
         stamp("to-ghost", r#"name = "lost", route_upstream = "ghost""#),
         stamp("to-canary", r#"name = "tagged", route_tag = "canary""#),
@@ -1553,6 +1555,23 @@ async fn http_plugins_run_in_order_see_earlier_edits_route_answer_locally_and_fa
     }
     assert_eq!(all(&h, "x-chain-response"), ["c", "b", "a"]);
     assert_eq!(header_of(&h, "x-source-a"), "upstream");
+
+    // SDK plugins get the packed request and response (WIT 0.1.4); a plugin built
+    // against 0.1.3 gets the plain ones, with the same fields and earlier edits, and
+    // its edits reach the packed plugins after it.
+    let (status, h, body) = send(listener(&amb, "mixed"), get("/echo")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for line in [
+        "x-chain: a",
+        "x-chain: compat",
+        "x-chain: c",
+        "x-chain-seen-by-compat: 1",
+        "x-chain-seen-by-c: 2",
+        "x-compat-saw: GET /echo localhost one",
+    ] {
+        assert!(body.lines().any(|l| l == line), "upstream saw {line:?}:\n{body}");
+    }
+    assert_eq!(all(&h, "x-chain-response"), ["c", "compat", "a"]);
 
     // A local answer stops the chain; the plugins before it still see the response.
     let hits_before = one.hits("/echo");

@@ -740,7 +740,7 @@ fn validate_accepts_each_plugin_example_and_names_the_file_and_step_of_a_bad_plu
         (
             "future",
             &future,
-            "built against wasmbassador:plugin@0.1.9, newer than the 0.1.3 this wasmbassador implements",
+            "built against wasmbassador:plugin@0.1.9, newer than the 0.1.4 this wasmbassador implements",
         ),
         ("bad-config", &allow_list, "init failed"),
     ] {

@@ -1,12 +1,35 @@
 //! The per-request hooks' types, on `http` listeners: [`Request`] and [`Action`] for
 //! [`Plugin::on_request`](crate::Plugin::on_request), [`Response`] and [`HeaderEdit`]
 //! for [`Plugin::on_response`](crate::Plugin::on_response).
+//!
+//! A request or response keeps the bytes the host sent (`packed-http-hooks`) and the
+//! accessors lend slices of them: reading a field or looking up a header copies
+//! nothing.
 
+use std::fmt;
+use std::ops::Range;
 use std::time::Duration;
 
+use crate::__private::bindings::exports::wasmbassador::plugin::packed_http_hooks::{
+    RequestSpans, ResponseSpans,
+};
 use crate::__private::bindings::wasmbassador::plugin::http_types as wit;
 use crate::__private::bindings::wasmbassador::plugin::types as wit_types;
 use crate::Route;
+
+/// The span of a field with no value.
+const ABSENT: u64 = u64::MAX;
+
+/// The range of `bytes` a span names; `None` for an absent field or one that does not
+/// lie in `bytes`.
+fn field(bytes: &[u8], span: u64) -> Option<Range<usize>> {
+    if span == ABSENT {
+        return None;
+    }
+    let start = usize::try_from(span >> 32).ok()?;
+    let end = start.checked_add(usize::try_from(span & 0xffff_ffff).ok()?)?;
+    (end <= bytes.len()).then_some(start..end)
+}
 
 /// Header fields in order, as the host passed them. Lookups ignore ASCII case.
 ///
@@ -17,21 +40,71 @@ use crate::Route;
 /// assert_eq!(h.get_all("accept").collect::<Vec<_>>(), [&b"a"[..], &b"b"[..]]);
 /// assert!(!h.contains("authorization"));
 /// ```
-#[derive(Debug, Clone, Default)]
-pub struct Headers(Vec<wit::Header>);
+#[derive(Clone, Default)]
+pub struct Headers {
+    /// The bytes of the whole request or response; the fields are in `region`, each
+    /// as `name NUL value NUL`.
+    bytes: Vec<u8>,
+    region: Range<usize>,
+}
+
+impl fmt::Debug for Headers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.iter().map(|(n, v)| (n, String::from_utf8_lossy(v))))
+            .finish()
+    }
+}
 
 impl Headers {
     /// Headers from `(name, value)` text pairs, for unit tests.
     pub fn from_pairs(pairs: &[(&str, &str)]) -> Headers {
-        Headers(
-            pairs
-                .iter()
-                .map(|(n, v)| wit::Header {
-                    name: (*n).to_owned(),
-                    value: v.as_bytes().to_vec(),
-                })
-                .collect(),
-        )
+        let mut h = Headers::default();
+        for (name, value) in pairs {
+            h.push(name, value.as_bytes());
+        }
+        h
+    }
+
+    /// Appends a field, moving the fields to the end of the bytes first if something
+    /// follows them (only values built by hand, never the host's, need that).
+    fn push(&mut self, name: &str, value: &[u8]) {
+        if self.region.end != self.bytes.len() {
+            let start = self.bytes.len();
+            self.bytes.extend_from_within(self.region.clone());
+            self.region = start..self.bytes.len();
+        }
+        // A NUL would split the field; HTTP allows none in names or values.
+        if name.contains('\0') || value.contains(&0) {
+            return;
+        }
+        self.bytes.extend_from_slice(name.as_bytes());
+        self.bytes.push(0);
+        self.bytes.extend_from_slice(value);
+        self.bytes.push(0);
+        self.region.end = self.bytes.len();
+    }
+
+    /// A text field of the same bytes (empty if it is not UTF-8, which the host never
+    /// sends).
+    fn text(&self, field: &Range<usize>) -> &str {
+        self.bytes
+            .get(field.clone())
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .unwrap_or("")
+    }
+
+    /// Appends a text field to the bytes, after the header fields.
+    fn push_text(&mut self, text: &str) -> Range<usize> {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(text.as_bytes());
+        start..self.bytes.len()
+    }
+
+    fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let region = self.bytes.get(self.region.clone()).unwrap_or_default();
+        let mut parts = region.split(|b| *b == 0);
+        std::iter::from_fn(move || Some((parts.next()?, parts.next()?)))
     }
 
     /// The first value of `name` as text; `None` when there is none or it is not UTF-8
@@ -42,18 +115,16 @@ impl Headers {
 
     /// The first value of `name`, as bytes.
     pub fn get_bytes(&self, name: &str) -> Option<&[u8]> {
-        self.0
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value.as_slice())
+        self.fields()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
     }
 
     /// Every value of `name`, in order.
     pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.0
-            .iter()
-            .filter(move |h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value.as_slice())
+        self.fields()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
     }
 
     /// Whether a field `name` is present.
@@ -63,31 +134,47 @@ impl Headers {
 
     /// Every field as `(name, value)`, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.0.iter().map(|h| (h.name.as_str(), h.value.as_slice()))
+        self.fields()
+            .map(|(n, v)| (std::str::from_utf8(n).unwrap_or(""), v))
     }
 
     /// The number of fields.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.fields().count()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.region.is_empty()
     }
 }
 
 /// A request from the application, as [`Plugin::on_request`](crate::Plugin::on_request)
 /// sees it: hop-by-hop fields are already gone, and `host` is [`authority`](Request::authority).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Request {
-    listener: String,
-    client_addr: String,
-    method: String,
-    path: String,
-    authority: Option<String>,
+    /// Its header fields, whose bytes hold the other fields too.
     headers: Headers,
-    upstream: String,
+    listener: Range<usize>,
+    client_addr: Range<usize>,
+    method: Range<usize>,
+    path: Range<usize>,
+    authority: Option<Range<usize>>,
+    upstream: Range<usize>,
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Request")
+            .field("listener", &self.listener())
+            .field("client_addr", &self.client_addr())
+            .field("method", &self.method())
+            .field("path", &self.path())
+            .field("authority", &self.authority())
+            .field("headers", &self.headers)
+            .field("upstream", &self.upstream())
+            .finish()
+    }
 }
 
 impl Request {
@@ -102,59 +189,83 @@ impl Request {
     /// assert_eq!(r.header_value("X-Team"), Some("payments"));
     /// ```
     pub fn new(method: &str, path: &str) -> Request {
+        Request::build(
+            "api",
+            "127.0.0.1:40000",
+            method,
+            path,
+            Some("localhost"),
+            "backend",
+        )
+    }
+
+    fn build(
+        listener: &str,
+        client_addr: &str,
+        method: &str,
+        path: &str,
+        authority: Option<&str>,
+        upstream: &str,
+    ) -> Request {
+        let mut headers = Headers::default();
+        let listener = headers.push_text(listener);
+        let client_addr = headers.push_text(client_addr);
+        let method = headers.push_text(method);
+        let path = headers.push_text(path);
+        let authority = authority.map(|a| headers.push_text(a));
+        let upstream = headers.push_text(upstream);
+        // The fields come last, where `header` can append to them.
+        headers.region = headers.bytes.len()..headers.bytes.len();
         Request {
-            listener: "api".into(),
-            client_addr: "127.0.0.1:40000".into(),
-            method: method.into(),
-            path: path.into(),
-            authority: Some("localhost".into()),
-            headers: Headers::default(),
-            upstream: "backend".into(),
+            headers,
+            listener,
+            client_addr,
+            method,
+            path,
+            authority,
+            upstream,
         }
     }
 
     /// Adds a header field (for unit tests).
     pub fn header(mut self, name: &str, value: &str) -> Request {
-        self.headers.0.push(wit::Header {
-            name: name.to_ascii_lowercase(),
-            value: value.as_bytes().to_vec(),
-        });
+        self.headers.push(&name.to_ascii_lowercase(), value.as_bytes());
         self
     }
 
     /// The listener that received it (`listener.name`).
     pub fn listener(&self) -> &str {
-        &self.listener
+        self.headers.text(&self.listener)
     }
 
     /// The application's address, `ip:port`.
     pub fn client_addr(&self) -> &str {
-        &self.client_addr
+        self.headers.text(&self.client_addr)
     }
 
     /// The method, as sent (`GET`, `POST`, ...).
     pub fn method(&self) -> &str {
-        &self.method
+        self.headers.text(&self.method)
     }
 
     /// The path and query, as sent (`/v1/items?limit=10`).
     pub fn path(&self) -> &str {
-        &self.path
+        self.headers.text(&self.path)
     }
 
     /// The path without the query (`/v1/items`).
     pub fn path_only(&self) -> &str {
-        path_only(&self.path)
+        path_only(self.path())
     }
 
     /// The query, without the `?`, if there is one.
     pub fn query(&self) -> Option<&str> {
-        self.path.split_once('?').map(|(_, q)| q)
+        self.path().split_once('?').map(|(_, q)| q)
     }
 
     /// The authority the application named (`Host` / `:authority`), if any.
     pub fn authority(&self) -> Option<&str> {
-        self.authority.as_deref()
+        self.authority.as_ref().map(|a| self.headers.text(a))
     }
 
     /// The header fields, with earlier plugins' edits applied.
@@ -170,21 +281,42 @@ impl Request {
     /// The upstream it goes to unless routed: the listener's, or an earlier plugin's
     /// route.
     pub fn upstream(&self) -> &str {
-        &self.upstream
+        self.headers.text(&self.upstream)
     }
 }
 
 impl From<wit::RequestInfo> for Request {
     fn from(i: wit::RequestInfo) -> Self {
-        Request {
-            listener: i.listener,
-            client_addr: i.client_addr,
-            method: i.method,
-            path: i.path,
-            authority: i.authority,
-            headers: Headers(i.headers),
-            upstream: i.upstream,
+        let mut r = Request::build(
+            &i.listener,
+            &i.client_addr,
+            &i.method,
+            &i.path,
+            i.authority.as_deref(),
+            &i.upstream,
+        );
+        for h in &i.headers {
+            r.headers.push(&h.name, &h.value);
         }
+        r
+    }
+}
+
+/// `packed-http-hooks.on-request`'s argument, kept as it came: nothing is copied. A
+/// span outside the bytes reads as an empty field.
+pub(crate) fn unpack_request(bytes: Vec<u8>, s: &RequestSpans) -> Request {
+    let f = |span| field(&bytes, span);
+    Request {
+        listener: f(s.listener).unwrap_or(0..0),
+        client_addr: f(s.client_addr).unwrap_or(0..0),
+        method: f(s.method).unwrap_or(0..0),
+        path: f(s.path).unwrap_or(0..0),
+        authority: f(s.authority),
+        upstream: f(s.upstream).unwrap_or(0..0),
+        headers: Headers {
+            region: f(s.headers).unwrap_or(0..0),
+            bytes,
+        },
     }
 }
 
@@ -408,42 +540,90 @@ impl Source {
 
 /// A response head on its way to the application, as
 /// [`Plugin::on_response`](crate::Plugin::on_response) sees it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Response {
-    listener: String,
-    method: String,
-    path: String,
-    upstream: String,
-    endpoint: Option<String>,
-    status: u16,
+    /// Its header fields, whose bytes hold the other text fields too.
     headers: Headers,
+    listener: Range<usize>,
+    method: Range<usize>,
+    path: Range<usize>,
+    upstream: Range<usize>,
+    endpoint: Option<Range<usize>>,
+    status: u16,
     source: Source,
     duration_ns: u64,
     attempts: u32,
+}
+
+impl fmt::Debug for Response {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Response")
+            .field("listener", &self.listener())
+            .field("method", &self.method())
+            .field("path", &self.path())
+            .field("upstream", &self.upstream())
+            .field("endpoint", &self.endpoint())
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .field("source", &self.source)
+            .field("duration", &self.duration())
+            .field("attempts", &self.attempts)
+            .finish()
+    }
 }
 
 impl Response {
     /// A response for unit tests: `status` from upstream `backend` to `GET /` on
     /// listener `api`, after `duration`, one attempt.
     pub fn new(status: u16, duration: Duration) -> Response {
-        Response {
-            listener: "api".into(),
-            method: "GET".into(),
-            path: "/".into(),
-            upstream: "backend".into(),
-            endpoint: Some("127.0.0.1:8443".into()),
+        Response::build("api", "GET", "/", "backend", Some("127.0.0.1:8443")).with(
             status,
-            headers: Headers::default(),
+            Source::Upstream,
+            duration.as_nanos() as u64,
+            1,
+        )
+    }
+
+    fn build(listener: &str, method: &str, path: &str, upstream: &str, endpoint: Option<&str>) -> Response {
+        let mut headers = Headers::default();
+        let listener = headers.push_text(listener);
+        let method = headers.push_text(method);
+        let path = headers.push_text(path);
+        let upstream = headers.push_text(upstream);
+        let endpoint = endpoint.map(|e| headers.push_text(e));
+        headers.region = headers.bytes.len()..headers.bytes.len();
+        Response {
+            headers,
+            listener,
+            method,
+            path,
+            upstream,
+            endpoint,
+            status: 200,
             source: Source::Upstream,
-            duration_ns: duration.as_nanos() as u64,
+            duration_ns: 0,
             attempts: 1,
         }
     }
 
+    fn with(mut self, status: u16, source: Source, duration_ns: u64, attempts: u32) -> Response {
+        self.status = status;
+        self.source = source;
+        self.duration_ns = duration_ns;
+        self.attempts = attempts;
+        self
+    }
+
     /// Sets the request's method and path (for unit tests).
     pub fn for_request(mut self, method: &str, path: &str) -> Response {
-        self.method = method.into();
-        self.path = path.into();
+        self.method = self.headers.push_text(method);
+        self.path = self.headers.push_text(path);
+        self
+    }
+
+    /// Adds a header field (for unit tests).
+    pub fn header(mut self, name: &str, value: &str) -> Response {
+        self.headers.push(&name.to_ascii_lowercase(), value.as_bytes());
         self
     }
 
@@ -458,32 +638,32 @@ impl Response {
 
     /// The listener that received the request.
     pub fn listener(&self) -> &str {
-        &self.listener
+        self.headers.text(&self.listener)
     }
 
     /// The request's method.
     pub fn method(&self) -> &str {
-        &self.method
+        self.headers.text(&self.method)
     }
 
     /// The request's path and query.
     pub fn path(&self) -> &str {
-        &self.path
+        self.headers.text(&self.path)
     }
 
     /// The request's path without the query.
     pub fn path_only(&self) -> &str {
-        path_only(&self.path)
+        path_only(self.path())
     }
 
     /// The upstream the request was sent to, after routing.
     pub fn upstream(&self) -> &str {
-        &self.upstream
+        self.headers.text(&self.upstream)
     }
 
     /// The endpoint that answered (`endpoint.address`), if an upstream did.
     pub fn endpoint(&self) -> Option<&str> {
-        self.endpoint.as_deref()
+        self.endpoint.as_ref().map(|e| self.headers.text(e))
     }
 
     /// The status code.
@@ -523,23 +703,158 @@ impl Response {
     }
 }
 
+fn source(s: wit::ResponseSource) -> Source {
+    match s {
+        wit::ResponseSource::Upstream => Source::Upstream,
+        wit::ResponseSource::Plugin => Source::Plugin,
+        wit::ResponseSource::Host => Source::Host,
+    }
+}
+
+/// `packed-http-hooks.on-response`'s argument, kept as it came.
+pub(crate) fn unpack_response(bytes: Vec<u8>, s: &ResponseSpans) -> Response {
+    let f = |span| field(&bytes, span);
+    Response {
+        listener: f(s.listener).unwrap_or(0..0),
+        method: f(s.method).unwrap_or(0..0),
+        path: f(s.path).unwrap_or(0..0),
+        upstream: f(s.upstream).unwrap_or(0..0),
+        endpoint: f(s.endpoint),
+        status: s.status,
+        source: source(s.source),
+        duration_ns: s.duration_ns,
+        attempts: s.attempts,
+        headers: Headers {
+            region: f(s.headers).unwrap_or(0..0),
+            bytes,
+        },
+    }
+}
+
 impl From<wit::ResponseInfo> for Response {
     fn from(i: wit::ResponseInfo) -> Self {
-        Response {
-            listener: i.listener,
-            method: i.method,
-            path: i.path,
-            upstream: i.upstream,
-            endpoint: i.endpoint,
-            status: i.status,
-            headers: Headers(i.headers),
-            source: match i.source {
-                wit::ResponseSource::Upstream => Source::Upstream,
-                wit::ResponseSource::Plugin => Source::Plugin,
-                wit::ResponseSource::Host => Source::Host,
-            },
-            duration_ns: i.duration_ns,
-            attempts: i.attempts,
+        let mut r = Response::build(
+            &i.listener,
+            &i.method,
+            &i.path,
+            &i.upstream,
+            i.endpoint.as_deref(),
+        )
+        .with(i.status, source(i.source), i.duration_ns, i.attempts);
+        for h in &i.headers {
+            r.headers.push(&h.name, &h.value);
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(bytes: &[u8], part: &[u8]) -> u64 {
+        let start = bytes
+            .windows(part.len())
+            .position(|w| w == part)
+            .expect("part in bytes");
+        (start as u64) << 32 | part.len() as u64
+    }
+
+    /// The bytes a host sends for a request, and their spans.
+    fn packed_request() -> (Vec<u8>, RequestSpans) {
+        let bytes =
+            b"apiA127.0.0.1:9GET/v1/items?limit=3svc.localbackendx-team\0payments\0accept\0a\0Accept\0b\0"
+                .to_vec();
+        let headers_at = bytes.windows(6).position(|w| w == b"x-team").expect("headers");
+        let spans = RequestSpans {
+            listener: span(&bytes, b"apiA"),
+            client_addr: span(&bytes, b"127.0.0.1:9"),
+            method: span(&bytes, b"GET"),
+            path: span(&bytes, b"/v1/items?limit=3"),
+            authority: ABSENT,
+            headers: (headers_at as u64) << 32 | (bytes.len() - headers_at) as u64,
+            upstream: span(&bytes, b"backend"),
+        };
+        (bytes, spans)
+    }
+
+    #[test]
+    fn a_packed_request_reads_every_field_and_header_in_place() {
+        let (bytes, spans) = packed_request();
+        let r = unpack_request(bytes, &spans);
+        assert_eq!(r.listener(), "apiA");
+        assert_eq!(r.client_addr(), "127.0.0.1:9");
+        assert_eq!(
+            (r.method(), r.path_only(), r.query()),
+            ("GET", "/v1/items", Some("limit=3"))
+        );
+        assert_eq!(r.authority(), None);
+        assert_eq!(r.upstream(), "backend");
+        assert_eq!(r.header_value("X-TEAM"), Some("payments"));
+        assert_eq!(
+            r.headers().get_all("accept").collect::<Vec<_>>(),
+            [&b"a"[..], &b"b"[..]]
+        );
+        assert_eq!(r.headers().len(), 3);
+        // A field added by hand (a unit test's) joins the host's.
+        let r = r.header("X-Extra", "1");
+        assert_eq!(r.headers().len(), 4);
+        assert_eq!(r.header_value("x-extra"), Some("1"));
+        assert_eq!(r.upstream(), "backend");
+    }
+
+    #[test]
+    fn spans_outside_the_bytes_read_as_empty_fields_not_a_panic() {
+        let (bytes, mut spans) = packed_request();
+        spans.method = 1_000 << 32 | 3;
+        spans.path = u64::from(u32::MAX);
+        spans.headers = 0xffff_fff0_0000_0100;
+        spans.authority = 0;
+        let r = unpack_request(bytes, &spans);
+        assert_eq!((r.method(), r.path()), ("", ""));
+        assert!(r.headers().is_empty());
+        assert_eq!(r.authority(), Some(""));
+        assert_eq!(r.listener(), "apiA");
+    }
+
+    #[test]
+    fn a_packed_response_and_a_plain_one_read_the_same() {
+        let bytes = b"apiGET/xbackend10.0.0.1:443server\0nginx\0".to_vec();
+        let spans = ResponseSpans {
+            listener: span(&bytes, b"api"),
+            method: span(&bytes, b"GET"),
+            path: span(&bytes, b"/x"),
+            upstream: span(&bytes, b"backend"),
+            endpoint: span(&bytes, b"10.0.0.1:443"),
+            status: 503,
+            headers: span(&bytes, b"server\0nginx\0"),
+            source: wit::ResponseSource::Upstream,
+            duration_ns: 1_500_000,
+            attempts: 2,
+        };
+        let packed = unpack_response(bytes, &spans);
+        let plain = Response::from(wit::ResponseInfo {
+            listener: "api".into(),
+            method: "GET".into(),
+            path: "/x".into(),
+            upstream: "backend".into(),
+            endpoint: Some("10.0.0.1:443".into()),
+            status: 503,
+            headers: vec![wit::Header {
+                name: "server".into(),
+                value: b"nginx".to_vec(),
+            }],
+            source: wit::ResponseSource::Upstream,
+            duration_ns: 1_500_000,
+            attempts: 2,
+        });
+        for r in [&packed, &plain] {
+            assert_eq!((r.listener(), r.method(), r.path()), ("api", "GET", "/x"));
+            assert_eq!((r.upstream(), r.endpoint()), ("backend", Some("10.0.0.1:443")));
+            assert_eq!((r.status(), r.status_class(), r.attempts()), (503, "5xx", 2));
+            assert_eq!(r.duration(), Duration::from_micros(1500));
+            assert_eq!(r.headers().get("Server"), Some("nginx"));
+            assert_eq!(r.source(), Source::Upstream);
         }
     }
 }

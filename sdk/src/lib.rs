@@ -4,7 +4,7 @@
 //! calls at fixed points in the life of every connection of the listeners that list it.
 //! With this crate a plugin is one type that implements [`Plugin`] and one
 //! [`export_plugin!`] line; the WIT interface underneath (`wit/plugin.wit` in this crate,
-//! package `wasmbassador:plugin@0.1.3`) stays out of sight.
+//! package `wasmbassador:plugin@0.1.4`) stays out of sight.
 //!
 //! # Hooks, in the order they run
 //!
@@ -200,6 +200,22 @@ macro_rules! export_plugin {
                 }
             }
 
+            impl $crate::__private::PackedHttpGuest for Exports {
+                fn on_request(
+                    bytes: ::std::vec::Vec<u8>,
+                    request: $crate::__private::RequestSpans,
+                ) -> $crate::__private::RequestAction {
+                    $crate::__private::on_request_packed(bytes, request)
+                }
+
+                fn on_response(
+                    bytes: ::std::vec::Vec<u8>,
+                    response: $crate::__private::ResponseSpans,
+                ) -> ::std::vec::Vec<$crate::__private::WitHeaderEdit> {
+                    $crate::__private::on_response_packed(bytes, response)
+                }
+            }
+
             impl $crate::__private::HttpGuest for Exports {
                 fn on_request(info: $crate::__private::RequestInfo) -> $crate::__private::RequestAction {
                     $crate::__private::on_request(info)
@@ -221,12 +237,16 @@ macro_rules! export_plugin {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::runtime::{
-        init, on_close, on_close_packed, on_connect, on_connect_packed, on_request, on_response,
+        init, on_close, on_close_packed, on_connect, on_connect_packed, on_request, on_request_packed,
+        on_response, on_response_packed,
     };
     pub use bindings::exports::wasmbassador::plugin::hooks::Guest;
     pub use bindings::exports::wasmbassador::plugin::http_hooks::Guest as HttpGuest;
     pub use bindings::exports::wasmbassador::plugin::packed_hooks::{
         CloseSpans, ConnectSpans, Guest as PackedGuest,
+    };
+    pub use bindings::exports::wasmbassador::plugin::packed_http_hooks::{
+        Guest as PackedHttpGuest, RequestSpans, ResponseSpans,
     };
     pub use bindings::wasmbassador::plugin::http_types::{
         HeaderEdit as WitHeaderEdit, RequestAction, RequestInfo, ResponseInfo,

@@ -4,6 +4,9 @@
 use std::cell::{Cell, RefCell};
 
 use crate::__private::bindings::exports::wasmbassador::plugin::packed_hooks::{CloseSpans, ConnectSpans};
+use crate::__private::bindings::exports::wasmbassador::plugin::packed_http_hooks::{
+    RequestSpans, ResponseSpans,
+};
 use crate::__private::bindings::wasmbassador::plugin::host;
 use crate::__private::bindings::wasmbassador::plugin::http_types as wit_http;
 use crate::__private::bindings::wasmbassador::plugin::types as wit;
@@ -108,7 +111,15 @@ fn close(closed: Closed) {
 
 /// `on-request`.
 pub fn on_request(info: wit_http::RequestInfo) -> wit_http::RequestAction {
-    let request = Request::from(info);
+    request(Request::from(info))
+}
+
+/// `packed-http-hooks.on-request`: the same hook, its fields read in place.
+pub fn on_request_packed(bytes: Vec<u8>, spans: RequestSpans) -> wit_http::RequestAction {
+    request(crate::http::unpack_request(bytes, &spans))
+}
+
+fn request(request: Request) -> wit_http::RequestAction {
     PLUGIN.with_borrow(|plugin| match plugin {
         Some(plugin) => watching_default(Unused::Request, || plugin.on_request(&request)).into(),
         None => panic!("on-request called before a successful init"),
@@ -117,7 +128,15 @@ pub fn on_request(info: wit_http::RequestInfo) -> wit_http::RequestAction {
 
 /// `on-response`.
 pub fn on_response(info: wit_http::ResponseInfo) -> Vec<wit_http::HeaderEdit> {
-    let response = Response::from(info);
+    response(Response::from(info))
+}
+
+/// `packed-http-hooks.on-response`.
+pub fn on_response_packed(bytes: Vec<u8>, spans: ResponseSpans) -> Vec<wit_http::HeaderEdit> {
+    response(crate::http::unpack_response(bytes, &spans))
+}
+
+fn response(response: Response) -> Vec<wit_http::HeaderEdit> {
     PLUGIN.with_borrow(|plugin| match plugin {
         Some(plugin) => watching_default(Unused::Response, || plugin.on_response(&response))
             .into_iter()

@@ -19,10 +19,8 @@ use hyper::body::Incoming;
 
 use super::{Body, Ctx, Plan, Trace, local};
 use crate::config::OnError;
-use crate::plugin::{
-    Header, HeaderEdit, Loaded, LocalResponse, RequestAction, RequestInfo, ResponseInfo, ResponseSource,
-    RouteTarget,
-};
+use crate::plugin::packed::{RequestArgs, RequestHead, ResponseArgs, ResponseHead};
+use crate::plugin::{HeaderEdit, Loaded, LocalResponse, RequestAction, ResponseSource, RouteTarget};
 
 /// Fields a plugin may not set or remove.
 fn reserved(name: &HeaderName) -> bool {
@@ -59,16 +57,17 @@ impl Ctx {
                 .map(str::to_string)
         });
         parts.headers.remove(HOST);
-        let mut info = RequestInfo {
-            listener: self.st.config.name.clone(),
-            client_addr: self.client_addr.get_or_init(|| self.peer.to_string()).clone(),
-            method: parts.method.as_str().to_string(),
-            path: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
-            authority,
-            headers: Vec::new(),
-            upstream: listener_upstream.to_string(),
-        };
-        let mut headers_stale = true;
+        let listener = self.st.config.name.as_str();
+        let client_addr = self.client_addr.get_or_init(|| self.peer.to_string()).as_str();
+        // Kept for `on-response` (the request moves upstream); clones of these share
+        // their bytes with the request.
+        let method = parts.method.clone();
+        let path_and_query = parts.uri.path_and_query().cloned();
+        let path = path_and_query.as_ref().map_or("/", |p| p.as_str());
+        // Where the request goes as the plugins see it: the listener's upstream until
+        // a plugin routes it to another.
+        let mut upstream_seen = listener_upstream.to_string();
+        let mut args = RequestArgs::default();
         let mut route: Option<(RouteTarget, String)> = None;
         let mut retryable = false;
         let mut reached = 0;
@@ -78,19 +77,25 @@ impl Ctx {
             if !p.wants_requests() {
                 continue;
             }
-            if headers_stale {
-                info.headers = to_wit(&parts.headers);
-                headers_stale = false;
-            }
-            let failed = match p.on_request(&info) {
+            let head = RequestHead {
+                listener,
+                client_addr,
+                method: method.as_str(),
+                path,
+                authority: authority.as_deref(),
+                headers: &parts.headers,
+                upstream: &upstream_seen,
+            };
+            let failed = match p.on_request(&head, &mut args) {
                 Ok(RequestAction::Forward(f)) => {
                     if !f.headers.is_empty() {
                         apply(&mut parts.headers, f.headers, p.name(), "request");
-                        headers_stale = true;
+                        args.clear();
                     }
                     if let Some(target) = f.route {
                         if let RouteTarget::Upstream(name) = &target {
-                            info.upstream = name.clone();
+                            upstream_seen.clone_from(name);
+                            args.clear();
                         }
                         route = Some((target, p.name().to_string()));
                     }
@@ -148,38 +153,31 @@ impl Ctx {
         if !ran.iter().any(|p| p.wants_responses()) {
             return resp;
         }
-        let (mut head, body) = resp.into_parts();
-        let mut seen = ResponseInfo {
-            listener: info.listener,
-            method: info.method,
-            path: info.path,
-            upstream: upstream.to_string(),
-            endpoint: trace.endpoint.map(|e| e.config.address.clone()),
-            status: head.status.as_u16(),
-            headers: to_wit(&head.headers),
-            source,
-            duration_ns: started.elapsed().as_nanos() as u64,
-            attempts: trace.attempts,
-        };
+        let (mut resp_parts, body) = resp.into_parts();
+        let endpoint = trace.endpoint.as_ref().map(|e| e.config.address.as_str());
+        let duration_ns = started.elapsed().as_nanos() as u64;
+        let mut args = ResponseArgs::default();
         for p in ran.iter().rev() {
-            let edits = p.on_response(&seen);
+            let head = ResponseHead {
+                listener,
+                method: method.as_str(),
+                path,
+                upstream,
+                endpoint,
+                status: resp_parts.status.as_u16(),
+                headers: &resp_parts.headers,
+                source,
+                duration_ns,
+                attempts: trace.attempts,
+            };
+            let edits = p.on_response(&head, &mut args);
             if !edits.is_empty() {
-                apply(&mut head.headers, edits, p.name(), "response");
-                seen.headers = to_wit(&head.headers);
+                apply(&mut resp_parts.headers, edits, p.name(), "response");
+                args.clear();
             }
         }
-        Response::from_parts(head, body)
+        Response::from_parts(resp_parts, body)
     }
-}
-
-fn to_wit(headers: &HeaderMap) -> Vec<Header> {
-    headers
-        .iter()
-        .map(|(name, value)| Header {
-            name: name.as_str().to_string(),
-            value: value.as_bytes().to_vec(),
-        })
-        .collect()
 }
 
 /// The most header edits one hook call may make; the rest are skipped and logged. A

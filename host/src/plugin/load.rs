@@ -11,7 +11,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, InstancePre, Linker, Val};
 
-use super::bindings::{PackedPlugin, hooks, http_hooks, packed_hooks};
+use super::bindings::{PackedPlugin, hooks, http_hooks, packed_hooks, packed_http_hooks};
 use super::host::{HostState, PluginContext, PluginMetrics};
 use crate::config::PluginConfig;
 
@@ -103,6 +103,9 @@ pub struct Compiled {
     /// Where the `packed-hooks` exports are, if the component has them (every plugin
     /// built with SDK 0.1.3 or later).
     pub packed_hooks: Option<packed_hooks::GuestIndices>,
+    /// Where the `packed-http-hooks` exports are, if the component has them (every
+    /// plugin built with SDK 0.1.4 or later).
+    pub packed_http_hooks: Option<packed_http_hooks::GuestIndices>,
     /// Shared per-version context.
     pub ctx: Arc<PluginContext>,
 }
@@ -176,6 +179,11 @@ pub fn compile(
     } else {
         None
     };
+    let packed_http_hooks = if exports(engine, &component, "packed-http-hooks") {
+        Some(packed_http_hooks::GuestIndices::new(&pre).map_err(world_err)?)
+    } else {
+        None
+    };
     let ctx = Arc::new(PluginContext::new(
         &config.name,
         generation,
@@ -189,6 +197,7 @@ pub fn compile(
         hooks,
         http_hooks,
         packed_hooks,
+        packed_http_hooks,
         ctx,
     })
 }
@@ -296,7 +305,7 @@ fn stub_other_imports(
 
 /// The version of the `wasmbassador:plugin` package this host implements (the WIT file
 /// in `sdk/wit/`).
-pub const WIT_VERSION: (u64, u64, u64) = (0, 1, 3);
+pub const WIT_VERSION: (u64, u64, u64) = (0, 1, 4);
 
 /// Refuses a component built against a newer version of our package than this host
 /// implements. wasmtime links such an import to the older interface of the same track,

@@ -31,7 +31,7 @@ pub use bindings::{
     CloseInfo, ConnectInfo, Forward, Header, HeaderEdit, LocalResponse, Outcome, PostgresStartup, Protocol,
     RequestAction, RequestInfo, ResponseInfo, ResponseSource, RouteTarget, Verdict,
 };
-use bindings::{hooks, http_hooks, packed_hooks};
+use bindings::{hooks, http_hooks, packed_hooks, packed_http_hooks};
 use host::{HostState, PluginContext, PluginMetrics};
 pub use load::LoadError;
 
@@ -104,6 +104,8 @@ struct Guests {
     http: Option<http_hooks::Guest>,
     /// Absent for a component built before SDK 0.1.3.
     packed: Option<packed_hooks::Guest>,
+    /// Absent for a component built before SDK 0.1.4.
+    packed_http: Option<packed_http_hooks::Guest>,
 }
 
 /// The latency histogram of one hook of one plugin (whose `_count` is also the
@@ -157,6 +159,7 @@ pub struct Loaded {
     hooks: hooks::GuestIndices,
     http_hooks: Option<http_hooks::GuestIndices>,
     packed_hooks: Option<packed_hooks::GuestIndices>,
+    packed_http_hooks: Option<packed_http_hooks::GuestIndices>,
     ctx: Arc<PluginContext>,
     config_json: String,
     idle: [IdleSlot; IDLE_SLOTS],
@@ -243,7 +246,16 @@ impl Loaded {
                     Some(h) => Some(h.load(&mut store, &instance)?),
                     None => None,
                 };
-                Ok(Guests { hooks, http, packed })
+                let packed_http = match &self.packed_http_hooks {
+                    Some(h) => Some(h.load(&mut store, &instance)?),
+                    None => None,
+                };
+                Ok(Guests {
+                    hooks,
+                    http,
+                    packed,
+                    packed_http,
+                })
             })
             .map_err(|e| HookError::Setup(format!("{e:#}")))?;
         match guests.hooks.call_init(&mut store, &self.config_json) {
@@ -369,15 +381,30 @@ impl Loaded {
     }
 
     /// `on-request`; `Err` means the call failed and the policy decides. Only for a
-    /// plugin that [`wants_requests`](Loaded::wants_requests).
-    pub fn on_request(&self, info: &RequestInfo) -> Result<RequestAction, HookError> {
+    /// plugin that [`wants_requests`](Loaded::wants_requests). `args` holds the
+    /// argument in the forms made so far for `head`; this makes the one the plugin
+    /// takes.
+    pub fn on_request(
+        &self,
+        head: &packed::RequestHead,
+        args: &mut packed::RequestArgs,
+    ) -> Result<RequestAction, HookError> {
+        let packed = match self.packed_http_hooks {
+            Some(_) => args.packed(|| packed::request(head)),
+            None => None,
+        };
+        if let Some(p) = packed {
+            return self.call("on_request", &self.on_request_metrics, |store, g| {
+                match &g.packed_http {
+                    Some(h) => h.call_on_request(store, &p.bytes, p.spans),
+                    None => Ok(forward_unchanged()),
+                }
+            });
+        }
+        let info = args.plain(|| packed::plain_request(head));
         self.call("on_request", &self.on_request_metrics, |store, g| match &g.http {
             Some(h) => h.call_on_request(store, info),
-            None => Ok(RequestAction::Forward(Forward {
-                headers: Vec::new(),
-                route: None,
-                retryable: false,
-            })),
+            None => Ok(forward_unchanged()),
         })
     }
 
@@ -387,19 +414,47 @@ impl Loaded {
     }
 
     /// `on-response`: the header edits; a failure is counted and logged, and edits
-    /// nothing.
-    pub fn on_response(&self, info: &ResponseInfo) -> Vec<HeaderEdit> {
+    /// nothing. `args` as for [`on_request`](Loaded::on_request).
+    pub fn on_response(
+        &self,
+        head: &packed::ResponseHead,
+        args: &mut packed::ResponseArgs,
+    ) -> Vec<HeaderEdit> {
         if !self.wants_responses() {
             return Vec::new();
         }
-        self.call("on_response", &self.on_response_metrics, |store, g| {
-            match &g.http {
-                Some(h) => h.call_on_response(store, info),
-                None => Ok(Vec::new()),
+        let packed = match self.packed_http_hooks {
+            Some(_) => args.packed(|| packed::response(head)),
+            None => None,
+        };
+        let result = match packed {
+            Some(p) => self.call("on_response", &self.on_response_metrics, |store, g| {
+                match &g.packed_http {
+                    Some(h) => h.call_on_response(store, &p.bytes, p.spans),
+                    None => Ok(Vec::new()),
+                }
+            }),
+            None => {
+                let info = args.plain(|| packed::plain_response(head));
+                self.call("on_response", &self.on_response_metrics, |store, g| {
+                    match &g.http {
+                        Some(h) => h.call_on_response(store, info),
+                        None => Ok(Vec::new()),
+                    }
+                })
             }
-        })
-        .unwrap_or_default()
+        };
+        result.unwrap_or_default()
     }
+}
+
+/// What a plugin without the http hooks answers: go on, unchanged.
+fn forward_unchanged() -> RequestAction {
+    RequestAction::Forward(Forward {
+        headers: Vec::new(),
+        route: None,
+        retryable: false,
+    })
 }
 
 /// A plugin name's current version and its load history.
@@ -501,6 +556,7 @@ fn build(
         hooks: compiled.hooks,
         http_hooks: compiled.http_hooks,
         packed_hooks: compiled.packed_hooks,
+        packed_http_hooks: compiled.packed_http_hooks,
         ctx: compiled.ctx,
         config_json,
         idle: Default::default(),

@@ -1,12 +1,17 @@
-//! The arguments of `packed-hooks` (WIT 0.1.3): the text fields of a `connect-info` or
-//! `close-info` laid end to end in one string, with a span (offset and length) per
+//! The arguments of `packed-hooks` (WIT 0.1.3) and `packed-http-hooks` (0.1.4): the
+//! text fields of a `connect-info`, `close-info`, `request-info` or `response-info`
+//! laid end to end in one string or byte list, with a span (offset and length) per
 //! field. The canonical ABI copies every string of an argument into the guest through
-//! a call of the guest's allocator; one string per call instead of up to ten is most of
-//! what a hook costs to enter. Built once per connection and shared by every plugin of
-//! the chain that exports `packed-hooks`.
+//! a call of the guest's allocator; one per call instead of up to ten (or, for a
+//! request, two per header field) is most of what a hook costs to enter. Built once
+//! and shared by every plugin of the chain that exports the packed hooks, until an
+//! edit changes the request or response.
+
+use http::HeaderMap;
 
 use super::bindings::packed_hooks::{CloseSpans, ConnectSpans};
-use super::{CloseInfo, ConnectInfo};
+use super::bindings::packed_http_hooks::{RequestSpans, ResponseSpans};
+use super::{CloseInfo, ConnectInfo, Header, RequestInfo, ResponseInfo, ResponseSource};
 
 /// The span of a field with no value.
 pub const ABSENT: u64 = u64::MAX;
@@ -29,6 +34,13 @@ pub struct PackedClose {
     pub spans: CloseSpans,
 }
 
+/// The span of `start..end`; `None` past 4 GiB.
+fn span(start: usize, end: usize) -> Option<u64> {
+    let start32 = u32::try_from(start).ok()?;
+    let len = u32::try_from(end - start).ok()?;
+    Some(u64::from(start32) << 32 | u64::from(len))
+}
+
 /// Appends fields to one string and answers their spans.
 struct Packer {
     text: String,
@@ -42,9 +54,7 @@ impl Packer {
     }
 
     fn span_from(&self, start: usize) -> Option<u64> {
-        let start = u32::try_from(start).ok()?;
-        let len = u32::try_from(self.text.len() - start as usize).ok()?;
-        Some(u64::from(start) << 32 | u64::from(len))
+        span(start, self.text.len())
     }
 
     fn push(&mut self, field: &str) -> Option<u64> {
@@ -143,6 +153,236 @@ pub fn close(info: &CloseInfo) -> Option<PackedClose> {
     })
 }
 
+/// A request head as the HTTP hooks see it, borrowed from the request in flight.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestHead<'a> {
+    /// `listener.name`.
+    pub listener: &'a str,
+    /// The application's address, `ip:port`.
+    pub client_addr: &'a str,
+    /// The method.
+    pub method: &'a str,
+    /// Path and query.
+    pub path: &'a str,
+    /// `Host` / `:authority`, if the request named one.
+    pub authority: Option<&'a str>,
+    /// The header fields, earlier plugins' edits applied.
+    pub headers: &'a HeaderMap,
+    /// Where it goes unless routed elsewhere.
+    pub upstream: &'a str,
+}
+
+/// A response head as `on-response` sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseHead<'a> {
+    /// `listener.name`.
+    pub listener: &'a str,
+    /// The request's method.
+    pub method: &'a str,
+    /// The request's path and query.
+    pub path: &'a str,
+    /// The upstream it went to, after routing.
+    pub upstream: &'a str,
+    /// The endpoint that answered, if one did.
+    pub endpoint: Option<&'a str>,
+    /// The status code.
+    pub status: u16,
+    /// The header fields, earlier plugins' edits applied.
+    pub headers: &'a HeaderMap,
+    /// Who made it.
+    pub source: ResponseSource,
+    /// Time from the request head to this response head.
+    pub duration_ns: u64,
+    /// Tries sent upstream.
+    pub attempts: u32,
+}
+
+/// A `request-info`, packed.
+#[derive(Debug)]
+pub struct PackedRequest {
+    /// Every field.
+    pub bytes: Vec<u8>,
+    /// Where each one is.
+    pub spans: RequestSpans,
+}
+
+/// A `response-info`, packed.
+#[derive(Debug)]
+pub struct PackedResponse {
+    /// Every field.
+    pub bytes: Vec<u8>,
+    /// Where each one is.
+    pub spans: ResponseSpans,
+}
+
+/// Appends fields to one byte list and answers their spans.
+struct BytePacker(Vec<u8>);
+
+impl BytePacker {
+    fn new(fields: &[Option<&str>], headers: &HeaderMap) -> Self {
+        let text: usize = fields.iter().map(|f| f.map_or(0, str::len)).sum();
+        let fields: usize = headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 2).sum();
+        BytePacker(Vec::with_capacity(text + fields))
+    }
+
+    fn push(&mut self, field: &str) -> Option<u64> {
+        let start = self.0.len();
+        self.0.extend_from_slice(field.as_bytes());
+        span(start, self.0.len())
+    }
+
+    fn push_opt(&mut self, field: Option<&str>) -> Option<u64> {
+        field.map_or(Some(ABSENT), |f| self.push(f))
+    }
+
+    /// `name NUL value NUL` per field, in order (a field value cannot hold a NUL:
+    /// `HeaderValue` refuses control bytes).
+    fn headers(&mut self, headers: &HeaderMap) -> Option<u64> {
+        let start = self.0.len();
+        for (name, value) in headers {
+            self.0.extend_from_slice(name.as_str().as_bytes());
+            self.0.push(0);
+            self.0.extend_from_slice(value.as_bytes());
+            self.0.push(0);
+        }
+        span(start, self.0.len())
+    }
+}
+
+/// `head` packed; `None` only past 4 GiB.
+pub fn request(head: &RequestHead) -> Option<PackedRequest> {
+    let h = head;
+    let mut p = BytePacker::new(
+        &[
+            Some(h.listener),
+            Some(h.client_addr),
+            Some(h.method),
+            Some(h.path),
+            h.authority,
+            Some(h.upstream),
+        ],
+        h.headers,
+    );
+    let spans = RequestSpans {
+        listener: p.push(h.listener)?,
+        client_addr: p.push(h.client_addr)?,
+        method: p.push(h.method)?,
+        path: p.push(h.path)?,
+        authority: p.push_opt(h.authority)?,
+        upstream: p.push(h.upstream)?,
+        // Last, where the SDK's own builders keep them too.
+        headers: p.headers(h.headers)?,
+    };
+    Some(PackedRequest { bytes: p.0, spans })
+}
+
+/// `head` packed; `None` only past 4 GiB.
+pub fn response(head: &ResponseHead) -> Option<PackedResponse> {
+    let h = head;
+    let mut p = BytePacker::new(
+        &[
+            Some(h.listener),
+            Some(h.method),
+            Some(h.path),
+            Some(h.upstream),
+            h.endpoint,
+        ],
+        h.headers,
+    );
+    let spans = ResponseSpans {
+        listener: p.push(h.listener)?,
+        method: p.push(h.method)?,
+        path: p.push(h.path)?,
+        upstream: p.push(h.upstream)?,
+        endpoint: p.push_opt(h.endpoint)?,
+        status: h.status,
+        headers: p.headers(h.headers)?,
+        source: h.source,
+        duration_ns: h.duration_ns,
+        attempts: h.attempts,
+    };
+    Some(PackedResponse { bytes: p.0, spans })
+}
+
+fn to_wit(headers: &HeaderMap) -> Vec<Header> {
+    headers
+        .iter()
+        .map(|(name, value)| Header {
+            name: name.as_str().to_string(),
+            value: value.as_bytes().to_vec(),
+        })
+        .collect()
+}
+
+/// `head` as `http-hooks.on-request` takes it.
+pub fn plain_request(head: &RequestHead) -> RequestInfo {
+    RequestInfo {
+        listener: head.listener.to_string(),
+        client_addr: head.client_addr.to_string(),
+        method: head.method.to_string(),
+        path: head.path.to_string(),
+        authority: head.authority.map(str::to_string),
+        headers: to_wit(head.headers),
+        upstream: head.upstream.to_string(),
+    }
+}
+
+/// `head` as `http-hooks.on-response` takes it.
+pub fn plain_response(head: &ResponseHead) -> ResponseInfo {
+    ResponseInfo {
+        listener: head.listener.to_string(),
+        method: head.method.to_string(),
+        path: head.path.to_string(),
+        upstream: head.upstream.to_string(),
+        endpoint: head.endpoint.map(str::to_string),
+        status: head.status,
+        headers: to_wit(head.headers),
+        source: head.source,
+        duration_ns: head.duration_ns,
+        attempts: head.attempts,
+    }
+}
+
+/// A hook argument in the two forms plugins take (plain and packed), each made on
+/// first need: a chain whose plugins all take one form never makes the other. Kept
+/// across the plugins of a chain until [`clear`](Args::clear), when an edit changed
+/// what they were made from.
+#[derive(Debug)]
+pub struct Args<P, Q> {
+    plain: Option<P>,
+    packed: Option<Option<Q>>,
+}
+
+impl<P, Q> Default for Args<P, Q> {
+    fn default() -> Self {
+        Args {
+            plain: None,
+            packed: None,
+        }
+    }
+}
+
+impl<P, Q> Args<P, Q> {
+    /// Forgets both forms.
+    pub fn clear(&mut self) {
+        self.plain = None;
+        self.packed = None;
+    }
+
+    pub(super) fn plain(&mut self, make: impl FnOnce() -> P) -> &P {
+        self.plain.get_or_insert_with(make)
+    }
+
+    pub(super) fn packed(&mut self, make: impl FnOnce() -> Option<Q>) -> Option<&Q> {
+        self.packed.get_or_insert_with(make).as_ref()
+    }
+}
+
+/// `on-request`'s argument.
+pub type RequestArgs = Args<RequestInfo, PackedRequest>;
+/// `on-response`'s argument.
+pub type ResponseArgs = Args<ResponseInfo, PackedResponse>;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,5 +477,85 @@ mod tests {
         assert_eq!(field(t, p.spans.user), None);
         assert_eq!(field(t, p.spans.database), Some("orders"));
         assert_eq!((p.spans.bytes_to_upstream, p.spans.duration_ns), (1, 3));
+    }
+
+    fn bytes_field(bytes: &[u8], span: u64) -> Option<&[u8]> {
+        (span != ABSENT).then(|| {
+            let start = (span >> 32) as usize;
+            &bytes[start..start + (span & 0xffff_ffff) as usize]
+        })
+    }
+
+    #[test]
+    fn request_fields_and_headers_come_back_from_their_spans() {
+        let mut headers = HeaderMap::new();
+        headers.append("accept", "a".parse().expect("value"));
+        headers.append("accept", "b".parse().expect("value"));
+        headers.insert("x-bin", http::HeaderValue::from_bytes(b"\xffok").expect("value"));
+        let head = RequestHead {
+            listener: "api",
+            client_addr: "[::1]:5000",
+            method: "POST",
+            path: "/v1/ü?x=1",
+            authority: None,
+            headers: &headers,
+            upstream: "backend",
+        };
+        let p = request(&head).expect("packs");
+        let b = &p.bytes[..];
+        assert_eq!(bytes_field(b, p.spans.listener), Some(&b"api"[..]));
+        assert_eq!(bytes_field(b, p.spans.client_addr), Some(&b"[::1]:5000"[..]));
+        assert_eq!(bytes_field(b, p.spans.method), Some(&b"POST"[..]));
+        assert_eq!(bytes_field(b, p.spans.path), Some("/v1/ü?x=1".as_bytes()));
+        assert_eq!(bytes_field(b, p.spans.authority), None);
+        assert_eq!(bytes_field(b, p.spans.upstream), Some(&b"backend"[..]));
+        assert_eq!(
+            bytes_field(b, p.spans.headers),
+            Some(&b"accept\0a\0accept\0b\0x-bin\0\xffok\0"[..])
+        );
+        // The plain form carries the same.
+        let plain = plain_request(&head);
+        assert_eq!(plain.headers.len(), 3);
+        assert_eq!(plain.headers[2].value, b"\xffok");
+    }
+
+    #[test]
+    fn response_fields_come_back_and_each_form_is_made_once_until_cleared() {
+        let headers = HeaderMap::new();
+        let head = ResponseHead {
+            listener: "api",
+            method: "GET",
+            path: "/",
+            upstream: "backend",
+            endpoint: Some("127.0.0.1:1"),
+            status: 204,
+            headers: &headers,
+            source: ResponseSource::Upstream,
+            duration_ns: 7,
+            attempts: 2,
+        };
+        let mut args = ResponseArgs::default();
+        let mut made = 0;
+        for _ in 0..3 {
+            let p = args
+                .packed(|| {
+                    made += 1;
+                    response(&head)
+                })
+                .expect("packs");
+            assert_eq!(bytes_field(&p.bytes, p.spans.endpoint), Some(&b"127.0.0.1:1"[..]));
+            assert_eq!(bytes_field(&p.bytes, p.spans.headers), Some(&b""[..]));
+            assert_eq!(
+                (p.spans.status, p.spans.attempts, p.spans.duration_ns),
+                (204, 2, 7)
+            );
+        }
+        assert_eq!(made, 1);
+        args.clear();
+        args.packed(|| {
+            made += 1;
+            response(&head)
+        });
+        assert_eq!(made, 2);
     }
 }
