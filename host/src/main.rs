@@ -146,18 +146,28 @@ fn probe(
     }
 }
 
-fn init_logs(format: LogFormat) {
+/// Log lines are formatted on the thread that logs and written to stderr by a thread of
+/// their own (tracing-appender), in batches: a connection thread never waits on a slow
+/// stderr pipe, and under load (an access-log plugin writes a line per connection) many
+/// lines share one write instead of one system call each. Lossless: when 128k lines
+/// wait, the loggers wait too. The guard flushes what is left when dropped.
+fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("wb-log")
+        .finish(std::io::BufWriter::new(std::io::stderr()));
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: log files and `kubectl logs` get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    guard
 }
 
 fn main() -> ExitCode {
@@ -171,7 +181,7 @@ fn main() -> ExitCode {
     {
         return probe(kind, admin, config, timeout);
     }
-    init_logs(cli.log_format);
+    let logs = init_logs(cli.log_format);
     // This runtime runs the control side (admin, reloads, health checks, accepting);
     // connections run on the ambassador's connection threads (`crate::workers`).
     let threads = cli
@@ -203,6 +213,8 @@ fn main() -> ExitCode {
             } => webhook(listen, cert, key, image).await,
         }
     });
+    // The log lines still queued go out before the final error line.
+    drop(logs);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -263,7 +263,12 @@ impl Ctx {
         // The URI's authority becomes `Host` (HTTP/1.1, added by the pool) or
         // `:authority` (HTTP/2); a `Host` from the app would contradict it.
         parts.headers.remove(HOST);
-        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        // A clone shares the request's bytes: no parse, no copy.
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         parts.uri = match Uri::builder()
             .scheme(pool.scheme.clone())
             .authority(authority)

@@ -23,7 +23,9 @@ pub(super) fn swapped() {
 /// requests. Looking each plugin up by name and loading its current version cost
 /// about as much as a hook call that does nothing; with the cache, a connection pays
 /// one atomic load and one reference count. The list is made again after any swap
-/// (a global counter moves) or when the plugin map is replaced by a reload.
+/// (a global counter moves) or when the plugin map is replaced by a reload. The price:
+/// a replaced version stays alive (with its idle instances) until the listener's next
+/// connection, not only until its last connection closes.
 #[derive(Debug, Default)]
 pub struct ChainCache(ArcSwapOption<Cached>);
 
