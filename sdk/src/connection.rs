@@ -533,19 +533,26 @@ impl From<wit::CloseInfo> for Closed {
     }
 }
 
-/// A span of `packed-hooks` that holds no value.
-const ABSENT: u64 = u64::MAX;
+/// A span of the packed hooks (`packed-hooks`, `packed-http-hooks`) that holds no
+/// value.
+pub(crate) const ABSENT: u64 = u64::MAX;
 
-/// The field at `span` of a packed hook argument's `text`: `None` for `absent`, and
-/// also for a span that does not lie in `text` on character boundaries (a host bug,
+/// The range a span of the packed hooks names in an argument of `len` bytes: `None`
+/// for `ABSENT`, and also for a span that does not lie within them (a host bug,
 /// answered like a missing value rather than with a trap).
-fn field(text: &str, span: u64) -> Option<Field> {
+pub(crate) fn span_range(span: u64, len: usize) -> Option<Field> {
     if span == ABSENT {
         return None;
     }
     let start = usize::try_from(span >> 32).ok()?;
     let end = start.checked_add(usize::try_from(span & 0xffff_ffff).ok()?)?;
-    text.get(start..end).map(|_| start..end)
+    (end <= len).then_some(start..end)
+}
+
+/// The field at `span` of a packed hook argument's `text`: as [`span_range`], and
+/// `None` too for a range that does not fall on character boundaries.
+fn field(text: &str, span: u64) -> Option<Field> {
+    span_range(span, text.len()).filter(|r| text.is_char_boundary(r.start) && text.is_char_boundary(r.end))
 }
 
 /// `packed-hooks.on-connect`'s argument, kept as it came: the text is not copied.

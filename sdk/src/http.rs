@@ -17,19 +17,7 @@ use crate::__private::bindings::wasmbassador::plugin::http_types as wit;
 use crate::__private::bindings::wasmbassador::plugin::types as wit_types;
 use crate::Route;
 
-/// The span of a field with no value.
-const ABSENT: u64 = u64::MAX;
-
-/// The range of `bytes` a span names; `None` for an absent field or one that does not
-/// lie in `bytes`.
-fn field(bytes: &[u8], span: u64) -> Option<Range<usize>> {
-    if span == ABSENT {
-        return None;
-    }
-    let start = usize::try_from(span >> 32).ok()?;
-    let end = start.checked_add(usize::try_from(span & 0xffff_ffff).ok()?)?;
-    (end <= bytes.len()).then_some(start..end)
-}
+use crate::connection::span_range;
 
 /// Header fields in order, as the host passed them. Lookups ignore ASCII case.
 ///
@@ -305,7 +293,7 @@ impl From<wit::RequestInfo> for Request {
 /// `packed-http-hooks.on-request`'s argument, kept as it came: nothing is copied. A
 /// span outside the bytes reads as an empty field.
 pub(crate) fn unpack_request(bytes: Vec<u8>, s: &RequestSpans) -> Request {
-    let f = |span| field(&bytes, span);
+    let f = |span| span_range(span, bytes.len());
     Request {
         listener: f(s.listener).unwrap_or(0..0),
         client_addr: f(s.client_addr).unwrap_or(0..0),
@@ -713,7 +701,7 @@ fn source(s: wit::ResponseSource) -> Source {
 
 /// `packed-http-hooks.on-response`'s argument, kept as it came.
 pub(crate) fn unpack_response(bytes: Vec<u8>, s: &ResponseSpans) -> Response {
-    let f = |span| field(&bytes, span);
+    let f = |span| span_range(span, bytes.len());
     Response {
         listener: f(s.listener).unwrap_or(0..0),
         method: f(s.method).unwrap_or(0..0),
@@ -751,6 +739,7 @@ impl From<wit::ResponseInfo> for Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::connection::ABSENT;
 
     fn span(bytes: &[u8], part: &[u8]) -> u64 {
         let start = bytes

@@ -66,7 +66,7 @@ impl Ctx {
         let path = path_and_query.as_ref().map_or("/", |p| p.as_str());
         // Where the request goes as the plugins see it: the listener's upstream until
         // a plugin routes it to another.
-        let mut upstream_seen = listener_upstream.to_string();
+        let mut upstream_seen = std::borrow::Cow::Borrowed(listener_upstream);
         let mut args = RequestArgs::default();
         let mut route: Option<(RouteTarget, String)> = None;
         let mut retryable = false;
@@ -94,7 +94,7 @@ impl Ctx {
                     }
                     if let Some(target) = f.route {
                         if let RouteTarget::Upstream(name) = &target {
-                            upstream_seen.clone_from(name);
+                            upstream_seen = std::borrow::Cow::Owned(name.clone());
                             args.clear();
                         }
                         route = Some((target, p.name().to_string()));
