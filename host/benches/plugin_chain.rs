@@ -20,7 +20,9 @@
 //! Run: `cargo bench -p wasmbassador --bench plugin_chain` (or `bash bench/plugins.sh`).
 //! Knobs (environment): `CHAIN_CONNS` (per batch, default 20000), `LISTENER_CONNS`
 //! (per round, default 2000), `LISTENER_ROUNDS` (default 9), `CLIENTS` (concurrent
-//! client tasks, default 4), `SWAPS` (default 10). A first argument `chain`,
+//! client tasks, default 4), `SWAPS` (default 10), `WASMBASSADOR_BIN` (another binary
+//! for part (b), for an A/B), `ACCESS_LOG_CAPPED` (leave access-log at the default
+//! log-line cap in part (b) instead of writing every line). A first argument `chain`,
 //! `http`, `listener` or `swap` runs only that part.
 
 use std::collections::HashMap;
@@ -45,8 +47,11 @@ use wasmbassador::plugin::{
     RequestAction, ResponseSource, load_slot,
 };
 
-/// The release binary cargo built for this bench.
-const BIN: &str = env!("CARGO_BIN_EXE_wasmbassador");
+/// The release binary cargo built for this bench; `WASMBASSADOR_BIN` names another
+/// (an older build, for an A/B of the running binary).
+fn bin() -> String {
+    std::env::var("WASMBASSADOR_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_wasmbassador").to_string())
+}
 
 /// Every part of the bench stops within these bounds even on a loaded machine.
 const CHAIN_TIME_BOUND: Duration = Duration::from_secs(20);
@@ -722,6 +727,7 @@ config = {{ routes = {{ orders = "orders" }}, default = "echo" }}
 name = "access-log"
 path = {log}
 on_error = "allow"
+{log_limit}
 
 [[plugin]]
 name = "swap"
@@ -731,13 +737,22 @@ config = {{ version = "bench" }}
         allow = toml_path(&chain_dir.join("allow_list.wasm")),
         route = toml_path(&chain_dir.join("route_by_database.wasm")),
         log = toml_path(&chain_dir.join("access_log.wasm")),
+        // Every connection's line is written, as an access log must (the default cap
+        // would drop most of them at these rates). `ACCESS_LOG_CAPPED=1` leaves the
+        // key out, for a binary older than the key.
+        log_limit = if std::env::var_os("ACCESS_LOG_CAPPED").is_some() {
+            ""
+        } else {
+            "log_lines_per_second = 0"
+        },
         swap = toml_path(&swap_file),
     );
     let config_path = tmp.path().join("wasmbassador.toml");
     std::fs::write(&config_path, config).expect("write config");
     // The access log goes to a real file, as it would in production (to a pipe).
     let log = std::fs::File::create(tmp.path().join("wasmbassador.log")).expect("log file");
-    let child = Command::new(BIN)
+    let bin = bin();
+    let child = Command::new(&bin)
         .arg("run")
         .arg("--config")
         .arg(&config_path)
@@ -746,7 +761,7 @@ config = {{ version = "bench" }}
         .stdout(log.try_clone().expect("log file"))
         .stderr(log)
         .spawn()
-        .unwrap_or_else(|e| panic!("starting {BIN}: {e}"));
+        .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
     let amb = Ambassador {
         child,
         admin,

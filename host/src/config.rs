@@ -444,6 +444,10 @@ pub struct PluginConfig {
     /// Linear memory cap.
     #[serde(default = "default_plugin_memory", deserialize_with = "byte_size")]
     pub memory: u64,
+    /// Log lines the plugin may write per second; past it lines are dropped and
+    /// counted (0: no limit).
+    #[serde(default = "default_plugin_log_lines")]
+    pub log_lines_per_second: u32,
     /// Pin: a file with another SHA-256 digest (hex) is refused.
     #[serde(default)]
     pub sha256: Option<String>,
@@ -457,6 +461,10 @@ pub struct PluginConfig {
 
 fn default_plugin_timeout() -> Duration {
     Duration::from_millis(10)
+}
+
+fn default_plugin_log_lines() -> u32 {
+    1000
 }
 
 fn default_plugin_memory() -> u64 {

@@ -405,7 +405,7 @@ fn connect_info(st: &ListenerState, peer: SocketAddr, startup: &Option<Startup>)
     ConnectInfo {
         listener: st.config.name.clone(),
         protocol,
-        client_addr: peer.to_string(),
+        client_addr: crate::plugin::addr_text(peer),
         upstream: st.config.upstream.clone(),
         postgres: startup.as_ref().map(|s| {
             let get = |name: &str| s.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());

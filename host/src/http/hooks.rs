@@ -58,7 +58,10 @@ impl Ctx {
         });
         parts.headers.remove(HOST);
         let listener = self.st.config.name.as_str();
-        let client_addr = self.client_addr.get_or_init(|| self.peer.to_string()).as_str();
+        let client_addr = self
+            .client_addr
+            .get_or_init(|| crate::plugin::addr_text(self.peer))
+            .as_str();
         // Kept for `on-response` (the request moves upstream); clones of these share
         // their bytes with the request.
         let method = parts.method.clone();

@@ -10,6 +10,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 
 use super::{CloseInfo, ConnectInfo, Loaded, PluginMap, RouteTarget, Verdict};
 use crate::config::OnError;
+use crate::metrics::{SHARDS, thread_index};
 
 /// Counts plugin swaps, so that a [`ChainCache`] can tell its list is out of date.
 static SWAPS: AtomicU64 = AtomicU64::new(0);
@@ -22,12 +23,19 @@ pub(super) fn swapped() {
 /// The current versions of one listener's plugins, kept between connections and
 /// requests. Looking each plugin up by name and loading its current version cost
 /// about as much as a hook call that does nothing; with the cache, a connection pays
-/// one atomic load and one reference count. The list is made again after any swap
-/// (a global counter moves) or when the plugin map is replaced by a reload. The price:
-/// a replaced version stays alive (with its idle instances) until the listener's next
-/// connection, not only until its last connection closes.
+/// one atomic load and one reference count. Each thread shard keeps a list of its own,
+/// so that the reference count a connection takes and drops is not a cache line the
+/// other connection threads write too. A list is made again after any swap (a global
+/// counter moves) or when the plugin map is replaced by a reload. The price: a replaced
+/// version stays alive (with its idle instances) until each shard's next connection on
+/// the listener, not only until its last connection closes.
 #[derive(Debug, Default)]
-pub struct ChainCache(ArcSwapOption<Cached>);
+pub struct ChainCache([CacheSlot; SHARDS]);
+
+/// One shard's list, on a cache line of its own.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct CacheSlot(ArcSwapOption<Cached>);
 
 #[derive(Debug)]
 struct Cached {
@@ -47,9 +55,10 @@ impl ChainCache {
         if names.is_empty() {
             return None;
         }
+        let slot = &self.0[thread_index() % SHARDS].0;
         let swaps = SWAPS.load(Ordering::Acquire);
         let map = plugins.load();
-        if let Some(c) = &*self.0.load()
+        if let Some(c) = &*slot.load()
             && c.swaps == swaps
             && Arc::ptr_eq(&c.map, &map)
         {
@@ -60,7 +69,7 @@ impl ChainCache {
             .iter()
             .filter_map(|n| map.get(n).map(|s| s.current.load_full()))
             .collect();
-        self.0.store(Some(Arc::new(Cached {
+        slot.store(Some(Arc::new(Cached {
             swaps,
             map,
             plugins: list.clone(),

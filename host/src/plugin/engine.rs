@@ -3,7 +3,8 @@
 //! `Ambassador` in the process, so the ticker thread exists once.
 
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -19,18 +20,30 @@ pub const MAX_INSTANCES: u32 = 1024;
 
 static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
 
+/// Milliseconds since the engine started, as of the last tick.
+static COARSE_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Milliseconds since the engine started, to a tick or so: a clock that costs one
+/// load, for the per-second windows of hot paths (a plugin's log rate limit). 0 before
+/// the engine exists.
+pub fn coarse_ms() -> u64 {
+    COARSE_MS.load(Ordering::Relaxed)
+}
+
 /// The process-wide engine, created (with its ticker) on first use.
 pub fn engine() -> Result<&'static Engine, String> {
     ENGINE
         .get_or_init(|| {
             let engine = build().map_err(|e| format!("cannot create the wasmtime engine: {e:#}"))?;
             let ticker = engine.clone();
+            let started = Instant::now();
             std::thread::Builder::new()
                 .name("wasm-epoch".into())
                 .spawn(move || {
                     loop {
                         std::thread::sleep(TICK);
                         ticker.increment_epoch();
+                        COARSE_MS.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
                     }
                 })
                 .map_err(|e| format!("cannot start the epoch ticker: {e}"))?;

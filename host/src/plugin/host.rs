@@ -4,22 +4,20 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
-use prometheus_client::metrics::histogram::Histogram;
 use rustc_hash::FxHashMap;
 
 use super::bindings::Level;
 use super::bindings::wasmbassador::plugin::{host, http_types, types};
+use crate::metrics::{ShardedCounter, ValueHistogram};
 
-/// Log lines a plugin may write per second before lines are dropped (and counted).
-const LOG_LINES_PER_SECOND: u32 = 200;
 /// Longest log line kept; the rest is cut.
 const MAX_LOG_LINE: usize = 4096;
 /// Distinct label-value sets per plugin metric.
@@ -56,7 +54,14 @@ pub struct PluginContext {
     pub memory: u64,
     /// Plugin-defined metrics of the whole process.
     pub metrics: Arc<PluginMetrics>,
-    log_window: Mutex<(Instant, u32, u64)>,
+    /// `plugin.log_lines_per_second` (0: no limit).
+    log_limit: u32,
+    /// The log rate window: the second it counts (of [`super::engine::coarse_ms`]) in
+    /// the high half, the lines written in it in the low half; one atomic word, so
+    /// that logging threads take no lock and read no clock.
+    log_window: AtomicU64,
+    /// Lines dropped since the last report.
+    log_dropped: AtomicU64,
     /// Hooks this version declared it leaves at their default (`hook-unused`,
     /// `http-hook-unused`), by [`HOOK_ON_CONNECT`] and the other indices: the host skips
     /// calling them.
@@ -79,6 +84,7 @@ impl PluginContext {
         generation: u64,
         grants: Vec<PathBuf>,
         memory: u64,
+        log_limit: u32,
         metrics: Arc<PluginMetrics>,
     ) -> Self {
         Self {
@@ -87,7 +93,9 @@ impl PluginContext {
             grants,
             memory,
             metrics,
-            log_window: Mutex::new((Instant::now(), 0, 0)),
+            log_limit,
+            log_window: AtomicU64::new(0),
+            log_dropped: AtomicU64::new(0),
             unused: Default::default(),
         }
     }
@@ -157,8 +165,8 @@ const CACHED_SERIES: usize = 256;
 /// One series of a plugin metric.
 #[derive(Debug, Clone)]
 enum Series {
-    Counter(Counter),
-    Histogram(Histogram),
+    Counter(ShardedCounter),
+    Histogram(ValueHistogram),
 }
 
 impl HostState {
@@ -184,6 +192,42 @@ fn epoch() -> Instant {
 impl types::Host for HostState {}
 
 impl http_types::Host for HostState {}
+
+impl PluginContext {
+    /// Whether one more log line fits in this second's window; counts and, once per
+    /// window, reports the lines dropped.
+    fn log_allowed(&self) -> bool {
+        self.log_allowed_at(super::engine::coarse_ms() / 1000)
+    }
+
+    fn log_allowed_at(&self, second: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.log_limit == 0 {
+            return true;
+        }
+        let mut new_window = false;
+        let fits = self
+            .log_window
+            .fetch_update(Relaxed, Relaxed, |w| {
+                new_window = w >> 32 != second;
+                match (new_window, w & u64::from(u32::MAX)) {
+                    (true, _) => Some(second << 32 | 1),
+                    (false, n) if n < u64::from(self.log_limit) => Some(w + 1),
+                    (false, _) => None,
+                }
+            })
+            .is_ok();
+        if !fits {
+            self.log_dropped.fetch_add(1, Relaxed);
+        } else if new_window {
+            let dropped = self.log_dropped.swap(0, Relaxed);
+            if dropped > 0 {
+                tracing::warn!(plugin = %self.name, dropped, limit = self.log_limit, "plugin log lines dropped (plugin.log_lines_per_second)");
+            }
+        }
+        fits
+    }
+}
 
 impl HostState {
     fn record(&mut self, name: String, values: Vec<String>, what: Record) {
@@ -222,19 +266,8 @@ impl HostState {
 
 impl host::Host for HostState {
     fn log(&mut self, level: Level, message: String) {
-        let ctx = &self.ctx;
-        if let Ok(mut w) = ctx.log_window.lock() {
-            if w.0.elapsed().as_secs() >= 1 {
-                if w.2 > 0 {
-                    tracing::warn!(plugin = %ctx.name, dropped = w.2, "plugin log lines dropped (rate limit)");
-                }
-                *w = (Instant::now(), 0, 0);
-            }
-            if w.1 >= LOG_LINES_PER_SECOND {
-                w.2 += 1;
-                return;
-            }
-            w.1 += 1;
+        if !self.ctx.log_allowed() {
+            return;
         }
         let mut message = message;
         if message.len() > MAX_LOG_LINE {
@@ -368,9 +401,9 @@ impl host::Host for HostState {
 #[derive(Debug, Clone)]
 pub struct Buckets(Vec<f64>);
 
-impl MetricConstructor<Histogram> for Buckets {
-    fn new_metric(&self) -> Histogram {
-        Histogram::new(self.0.iter().copied())
+impl MetricConstructor<ValueHistogram> for Buckets {
+    fn new_metric(&self) -> ValueHistogram {
+        ValueHistogram::new(self.0.iter().copied())
     }
 }
 
@@ -378,8 +411,8 @@ type Labels = Vec<(String, String)>;
 
 #[derive(Debug)]
 enum Kind {
-    Counter(Family<Labels, Counter>),
-    Histogram(Family<Labels, Histogram, Buckets>),
+    Counter(Family<Labels, ShardedCounter>),
+    Histogram(Family<Labels, ValueHistogram, Buckets>),
 }
 
 #[derive(Debug)]
@@ -608,6 +641,21 @@ mod tests {
     }
 
     #[test]
+    fn log_lines_past_the_limit_are_dropped_until_the_next_second() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let metrics = Metrics::new();
+        let ctx = PluginContext::new("p", 1, Vec::new(), 1 << 20, 3, metrics.plugin_metrics.clone());
+        let seen: Vec<bool> = (0..5).map(|_| ctx.log_allowed_at(7)).collect();
+        assert_eq!(seen, [true, true, true, false, false]);
+        assert_eq!(ctx.log_dropped.load(Relaxed), 2);
+        // A new second: lines pass again and the drop count is reported (reset).
+        assert!(ctx.log_allowed_at(8));
+        assert_eq!(ctx.log_dropped.load(Relaxed), 0);
+        let unlimited = PluginContext::new("q", 1, Vec::new(), 1 << 20, 0, metrics.plugin_metrics.clone());
+        assert!((0..5000).all(|_| unlimited.log_allowed_at(7)));
+    }
+
+    #[test]
     fn records_by_series_number_land_in_the_named_series_and_bad_numbers_are_dropped() {
         let metrics = Metrics::new();
         let ctx = Arc::new(PluginContext::new(
@@ -615,6 +663,7 @@ mod tests {
             1,
             Vec::new(),
             1 << 20,
+            0,
             metrics.plugin_metrics.clone(),
         ));
         let mut state = HostState::new(ctx);

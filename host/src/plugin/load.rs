@@ -189,6 +189,7 @@ pub fn compile(
         generation,
         config.grants.files.clone(),
         config.memory,
+        config.log_lines_per_second,
         metrics,
     ));
     Ok(Compiled {
