@@ -37,7 +37,43 @@ pub struct ListenerState {
     pub chain: ChainCache,
     /// `http_requests` counters by status class (see `http::serve`), looked up once.
     pub(crate) http_requests: [std::sync::OnceLock<prometheus_client::metrics::counter::Counter>; 5],
+    /// The series every connection records into, looked up once: per connection,
+    /// four labelled lookups (hashed, under the families' locks, two with a `String`
+    /// clone) cost more than the counting itself.
+    conn_metrics: std::sync::OnceLock<ConnMetrics>,
     labels: ListenerLabels,
+}
+
+/// See [`ListenerState`]'s `conn_metrics`.
+#[derive(Debug)]
+struct ConnMetrics {
+    connections: prometheus_client::metrics::counter::Counter,
+    active: prometheus_client::metrics::gauge::Gauge,
+    bytes: ByteCounters,
+}
+
+impl ListenerState {
+    fn conn_metrics(&self, shared: &Shared) -> &ConnMetrics {
+        self.conn_metrics.get_or_init(|| {
+            let m = &shared.metrics;
+            let bytes = |direction| {
+                m.bytes
+                    .get_or_create(&BytesLabels {
+                        listener: self.config.name.clone(),
+                        direction,
+                    })
+                    .clone()
+            };
+            ConnMetrics {
+                connections: m.connections.get_or_create(&self.labels).clone(),
+                active: m.connections_active.get_or_create(&self.labels).clone(),
+                bytes: ByteCounters {
+                    to_upstream: bytes("to_upstream"),
+                    to_client: bytes("to_client"),
+                },
+            }
+        })
+    }
 }
 
 impl ListenerState {
@@ -56,6 +92,7 @@ impl ListenerState {
             limit,
             chain: ChainCache::default(),
             http_requests: Default::default(),
+            conn_metrics: Default::default(),
         }
     }
 }
@@ -151,9 +188,9 @@ async fn serve(
     _permit: OwnedSemaphorePermit,
     stop: CancellationToken,
 ) {
-    let m = &shared.metrics;
-    m.connections.get_or_create(&st.labels).inc();
-    let active = m.connections_active.get_or_create(&st.labels).clone();
+    let cm = st.conn_metrics(&shared);
+    cm.connections.inc();
+    let active = &cm.active;
     active.inc();
     let _ = sock.set_nodelay(true);
     if st.config.protocol == Protocol::Http {
@@ -328,7 +365,7 @@ async fn session(
     };
     let endpoint = connected.endpoint.config.address.clone();
     close.endpoint = Some(endpoint.clone());
-    let byte_counters = counters(shared, st);
+    let byte_counters = st.conn_metrics(shared).bytes.clone();
     let mut watcher = match &startup {
         None => None,
         Some(s) => {
@@ -422,23 +459,6 @@ fn connect_info(st: &ListenerState, peer: SocketAddr, startup: &Option<Startup>)
                     .collect(),
             }
         }),
-    }
-}
-
-fn counters(shared: &Shared, st: &ListenerState) -> ByteCounters {
-    let get = |direction| {
-        shared
-            .metrics
-            .bytes
-            .get_or_create(&BytesLabels {
-                listener: st.config.name.clone(),
-                direction,
-            })
-            .clone()
-    };
-    ByteCounters {
-        to_upstream: get("to_upstream"),
-        to_client: get("to_client"),
     }
 }
 
