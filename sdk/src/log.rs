@@ -2,7 +2,9 @@
 //!
 //! Each line is written by the host's `tracing` logger at the given level, tagged with
 //! the plugin's configured name, so it lands with the host's own logs (human or JSON).
-//! The host rate-limits plugin logs; lines past the limit are dropped and counted.
+//! The host caps the lines a plugin writes per second (`log_lines_per_second` in the
+//! plugin's entry of the host config: 1000 by default, 0 for no cap); lines past the
+//! cap are dropped and counted in a warning.
 //!
 //! ```no_run
 //! use wasmbassador_sdk::log;
