@@ -9,7 +9,8 @@
 //! - `route-by-database` sends a session to another upstream or to a tagged endpoint of
 //!   the listener's upstream by the database asked for.
 //! - `access-log` writes one line per closed connection and keeps its counters, in the
-//!   binary's own log and `/metrics`.
+//!   binary's own log and `/metrics`; past `plugin.log_lines_per_second` its lines are
+//!   dropped and reported in a warning while its counters stay exact.
 //! - The chain: listener order, first deny wins, the last route wins, `on_error`.
 //! - The sandbox: no files, no environment, and only the granted files via the host.
 //! - `wasmbassador validate` accepts each plugin's `example.toml` and names the file and
@@ -337,6 +338,71 @@ async fn access_log_writes_one_line_per_closed_connection_and_counts_them() {
         "access-log: 7 connections, {sum_up} bytes to upstream, {sum_down} bytes to client; raw session {} up / {} down",
         raw.sent, raw.received
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_past_the_plugins_cap_are_dropped_and_reported_while_its_counters_stay_exact() {
+    let pki = Pki::new();
+    let pg = Postgres::start(PgOptions::tls_only(pki.server_cert(&["127.0.0.1"])));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = String::from(ADMIN);
+    config.push_str(&listener("orders-db", "orders", &["access-log"]));
+    config.push_str(&pg_upstream("orders", &[(pg.addr(), 0, &[])], pki.ca_pem_path()));
+    config.push_str(&plugin(
+        "access-log",
+        &wasm("access-log"),
+        "on_error = \"allow\"\nlog_lines_per_second = 2",
+    ));
+    let path = dir.path().join("wasmbassador.toml");
+    std::fs::write(&path, &config).expect("write config");
+    let wb = Process::run(&path).await;
+    let listen = wb.wait_listener("orders-db", PATIENCE).await;
+
+    // Twenty sessions: to keep every line, they would have to spread over ten seconds
+    // (two lines a second); they take a fraction of that.
+    const SESSIONS: usize = 20;
+    for _ in 0..SESSIONS {
+        let client = connect(listen, "app", "orders", "log-cap-test")
+            .await
+            .unwrap_or_else(|e| panic!("{}\n{}", error_text(&e), wb.output()));
+        client.simple_query("select 1").await.expect("select 1");
+    }
+    let completed = r#"wasmbassador_plugin_connections_total{plugin="access-log",listener="orders-db",outcome="completed"}"#;
+    let wb_ref = &wb;
+    wait_until(PATIENCE, "every session counted", || async move {
+        metric_value(&metrics_of(wb_ref).await, completed) >= SESSIONS as f64
+    })
+    .await;
+    // The counters are exact; only lines are capped.
+    assert_eq!(metric_value(&metrics_of(&wb).await, completed), SESSIONS as f64);
+    let lines = access_lines(&wb.stderr()).len();
+    assert!(
+        (2..SESSIONS).contains(&lines),
+        "{lines} of {SESSIONS} lines kept under a cap of 2 a second:\n{}",
+        wb.output()
+    );
+
+    // The first line of a later second reports what the cap dropped.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let client = connect(listen, "app", "orders", "log-cap-test")
+        .await
+        .unwrap_or_else(|e| panic!("{}\n{}", error_text(&e), wb.output()));
+    client.simple_query("select 1").await.expect("select 1");
+    drop(client);
+    wait_until(PATIENCE, "the dropped-lines warning", || async move {
+        wb_ref.stderr().contains("plugin log lines dropped")
+    })
+    .await;
+    let log = wb.stderr();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("plugin log lines dropped"))
+        .expect("the warning");
+    assert!(
+        warning.contains("access-log") && warning.contains("dropped="),
+        "{warning}"
+    );
+    println!("log cap: {lines} of {SESSIONS} lines kept; {warning}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
