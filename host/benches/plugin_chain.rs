@@ -35,16 +35,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use wasmbassador::config::Config;
+use wasmbassador::http::apply_header_edits;
 use wasmbassador::metrics::Metrics;
 use wasmbassador::plugin::chain::{Chain, ChainCache, Decision};
 use wasmbassador::plugin::packed::{RequestArgs, RequestHead, ResponseArgs, ResponseHead};
 use wasmbassador::plugin::{
-    CloseInfo, ConnectInfo, HeaderEdit, Outcome, PluginMap, PluginShared, PostgresStartup, Protocol,
-    RequestAction, ResponseSource, load_slot,
+    CloseInfo, ConnectInfo, Outcome, PluginMap, PluginShared, PostgresStartup, Protocol, RequestAction,
+    ResponseSource, load_slot,
 };
 
 /// The release binary cargo built for this bench; `WASMBASSADOR_BIN` names another
@@ -432,27 +433,6 @@ fn header_map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
     map
 }
 
-/// A plugin's header edits, applied as `http/hooks.rs` applies them.
-fn apply(headers: &mut HeaderMap, edits: Vec<HeaderEdit>) -> usize {
-    let n = edits.len();
-    for edit in edits {
-        match edit {
-            HeaderEdit::Set(h) | HeaderEdit::Append(h) => {
-                if let (Ok(name), Ok(value)) = (
-                    HeaderName::from_bytes(h.name.as_bytes()),
-                    HeaderValue::from_bytes(&h.value),
-                ) {
-                    headers.insert(name, value);
-                }
-            }
-            HeaderEdit::Remove(name) => {
-                headers.remove(name.as_str());
-            }
-        }
-    }
-    n
-}
-
 /// One request's worth of plugin work, as `http/hooks.rs` does it: take the chain,
 /// `on-request` in order, `on-response` in reverse, for the plugins that use them.
 fn one_request(
@@ -481,7 +461,8 @@ fn one_request(
         match p.on_request(&head, &mut args) {
             Ok(RequestAction::Forward(f)) => {
                 if !f.headers.is_empty() {
-                    edits += apply(&mut headers, f.headers);
+                    edits += f.headers.len();
+                    apply_header_edits(&mut headers, f.headers, p.name(), "request");
                     args.clear();
                 }
             }
@@ -515,7 +496,8 @@ fn one_request(
             };
             let e = p.on_response(&head, &mut args);
             if !e.is_empty() {
-                edits += apply(&mut headers, e);
+                edits += e.len();
+                apply_header_edits(&mut headers, e, p.name(), "response");
                 args.clear();
             }
         }

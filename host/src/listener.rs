@@ -74,9 +74,7 @@ impl ListenerState {
             }
         })
     }
-}
 
-impl ListenerState {
     /// Settings for `config`, keeping `previous`'s limit when it did not change, so
     /// that connections opened before a reload still count against it.
     pub fn new(config: ListenerConfig, previous: Option<&ListenerState>) -> Self {

@@ -19,8 +19,9 @@ use prometheus_client::registry::Registry;
 /// while covering the few connection threads of a sidecar.
 pub(crate) const SHARDS: usize = 4;
 
-/// The calling thread's shard index, below [`SHARDS`] (also used by the plugin
-/// runtime to pick an idle list).
+/// The calling thread's index: a connection thread's number, or a number taken once
+/// by any other thread. Callers take it modulo their count of slots ([`SHARDS`] here,
+/// the idle lists in the plugin runtime).
 pub fn thread_index() -> usize {
     use std::sync::atomic::AtomicUsize;
     static NEXT: AtomicUsize = AtomicUsize::new(0);

@@ -92,7 +92,7 @@ impl Ctx {
             let failed = match p.on_request(&head, &mut args) {
                 Ok(RequestAction::Forward(f)) => {
                     if !f.headers.is_empty() {
-                        apply(&mut parts.headers, f.headers, p.name(), "request");
+                        apply_header_edits(&mut parts.headers, f.headers, p.name(), "request");
                         args.clear();
                     }
                     if let Some(target) = f.route {
@@ -175,7 +175,7 @@ impl Ctx {
             };
             let edits = p.on_response(&head, &mut args);
             if !edits.is_empty() {
-                apply(&mut resp_parts.headers, edits, p.name(), "response");
+                apply_header_edits(&mut resp_parts.headers, edits, p.name(), "response");
                 args.clear();
             }
         }
@@ -187,8 +187,10 @@ impl Ctx {
 /// header map holds at most 32,768 fields, and a plugin has no business near that.
 const MAX_EDITS: usize = 1024;
 
-/// Applies a plugin's edits in order; an invalid or reserved one is skipped and logged.
-fn apply(headers: &mut HeaderMap, edits: Vec<HeaderEdit>, plugin: &str, side: &str) {
+/// Applies a plugin's header edits in order, as a request or response passes it (`side`
+/// names which, in the log); an invalid or reserved one is skipped and logged. Public
+/// so that the plugin bench edits headers as a listener does.
+pub fn apply_header_edits(headers: &mut HeaderMap, edits: Vec<HeaderEdit>, plugin: &str, side: &str) {
     if edits.len() > MAX_EDITS {
         tracing::warn!(%plugin, side, edits = edits.len(), "plugin header edits past the first {MAX_EDITS} skipped");
     }
@@ -242,6 +244,6 @@ fn local_response(r: LocalResponse, plugin: &str) -> Result<Response<Body>, Stri
     let mut resp = Response::new(Either::Right(Full::new(Bytes::from(r.body))));
     *resp.status_mut() = status;
     let edits = r.headers.into_iter().map(HeaderEdit::Append).collect();
-    apply(resp.headers_mut(), edits, plugin, "local response");
+    apply_header_edits(resp.headers_mut(), edits, plugin, "local response");
     Ok(resp)
 }

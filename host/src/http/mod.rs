@@ -15,6 +15,7 @@
 
 pub mod headers;
 mod hooks;
+pub use hooks::apply_header_edits;
 pub mod pool;
 pub mod retry;
 
