@@ -46,14 +46,16 @@ pub struct ListenerState {
 
 /// See [`ListenerState`]'s `conn_metrics`.
 #[derive(Debug)]
-struct ConnMetrics {
+pub(crate) struct ConnMetrics {
     connections: prometheus_client::metrics::counter::Counter,
     active: prometheus_client::metrics::gauge::Gauge,
-    bytes: ByteCounters,
+    /// Bytes both ways; `http` listeners count them too.
+    pub(crate) bytes: ByteCounters,
 }
 
 impl ListenerState {
-    fn conn_metrics(&self, shared: &Shared) -> &ConnMetrics {
+    /// This listener's per-connection series (see `conn_metrics`).
+    pub(crate) fn conn_metrics(&self, shared: &Shared) -> &ConnMetrics {
         self.conn_metrics.get_or_init(|| {
             let m = &shared.metrics;
             let bytes = |direction| {

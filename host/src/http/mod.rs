@@ -43,7 +43,7 @@ use crate::ambassador::Shared;
 use crate::config::HttpVersion;
 use crate::connect::{DialError, Handshake};
 use crate::listener::ListenerState;
-use crate::metrics::{BytesLabels, HttpRequestLabels, HttpRetryLabels};
+use crate::metrics::{HttpRequestLabels, HttpRetryLabels};
 use crate::upstream::Upstream;
 use pool::{ConnInfo, PoolConnectError};
 use prometheus_client::metrics::counter::Counter;
@@ -78,7 +78,7 @@ pub async fn serve(
         peer,
         client_addr: std::sync::OnceLock::new(),
     });
-    let for_counters = ctx.clone();
+    let bytes = ctx.st.conn_metrics(&ctx.shared).bytes.clone();
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(ctx.proxy(req).await) }
@@ -94,21 +94,10 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEAD as u32);
     let activity = Activity::new();
-    let counter = |direction| {
-        for_counters
-            .shared
-            .metrics
-            .bytes
-            .get_or_create(&BytesLabels {
-                listener: listener.clone(),
-                direction,
-            })
-            .clone()
-    };
     let io = TokioIo::new(AppConn {
         sock,
-        from_app: counter("to_upstream"),
-        to_app: counter("to_client"),
+        from_app: bytes.to_upstream,
+        to_app: bytes.to_client,
         activity: activity.clone(),
     });
     // Upgrades (WebSocket) hand the connection to `upgrade`, which then owns it.
