@@ -218,7 +218,7 @@ pub struct HttpUpstreamConfig {
     /// An idle pooled connection is closed after this long.
     #[serde(with = "duration")]
     pub pool_idle_timeout: Duration,
-    /// A pooled connection is not reused once it is this old (so that DNS changes,
+    /// A pooled connection takes no new request once it is this old (so that DNS changes,
     /// rebalanced endpoints and rotated certificates take effect).
     #[serde(with = "duration")]
     pub max_lifetime: Duration,

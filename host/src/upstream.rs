@@ -102,6 +102,9 @@ pub struct Upstream {
         std::sync::Mutex<std::collections::HashMap<(usize, String), Arc<crate::http::pool::Pool>>>,
     /// The retry budget of this upstream's HTTP requests, shared by its pools.
     pub http_budget: Arc<crate::http::retry::Budget>,
+    /// This upstream speaks HTTP/2 (configured, or chosen by ALPN on a connection of
+    /// an `http` pool): its requests go through hyper-util's shared client.
+    pub http_h2: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Every connect attempt for one client connection failed.
@@ -169,6 +172,7 @@ impl Upstream {
                 .collect(),
             http_tag_pools: Default::default(),
             http_budget,
+            http_h2: Default::default(),
         })
     }
 

@@ -45,7 +45,7 @@ use crate::connect::{DialError, Handshake};
 use crate::listener::ListenerState;
 use crate::metrics::{HttpRequestLabels, HttpRetryLabels};
 use crate::upstream::Upstream;
-use pool::{ConnInfo, PoolConnectError};
+use pool::{ConnInfo, PoolConnectError, SendError, UpBody};
 use prometheus_client::metrics::counter::Counter;
 
 /// Without `idle_timeout`, an HTTP/1.1 client gets this long to send each complete
@@ -57,7 +57,7 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_HEAD: usize = 64 * 1024;
 
 /// What the app receives: the upstream's body, or a short local answer.
-pub type Body = Either<Incoming, Full<Bytes>>;
+pub type Body = Either<pool::UpBody, Full<Bytes>>;
 
 /// Serves one application connection until it closes, the listener stops (then
 /// gracefully: in-flight requests finish), `idle_timeout` passes without a byte
@@ -235,8 +235,7 @@ impl Ctx {
         if headers::wants_upgrade(&req) {
             return self.upgrade(&up, req).await;
         }
-        let pool = up.http_pool(plan.tag);
-        let pool = &*pool;
+        let pool = &up.http_pool(plan.tag);
         let authority = match &pool.authority {
             Ok(a) => a.clone(),
             Err(e) => {
@@ -350,7 +349,7 @@ impl Ctx {
             let left = deadline.saturating_duration_since(Instant::now());
             let this_try = pool.retry.per_try_timeout.map_or(left, |p| p.min(left));
             let sent = Instant::now();
-            let reason = match tokio::time::timeout(this_try, pool.client().request(outbound)).await {
+            let reason = match tokio::time::timeout(this_try, pool.send(outbound)).await {
                 Err(_) if last_try || Instant::now() >= deadline => {
                     tracing::warn!(listener = %self.st.config.name, upstream = %name, ?timeout, "no response head in time");
                     return local(
@@ -481,7 +480,7 @@ impl Ctx {
             headers::strip_hop_by_hop(&mut parts.headers, false);
             headers::add_via(&mut parts.headers, parts.version);
             parts.version = received;
-            return Response::from_parts(parts, Either::Left(body));
+            return Response::from_parts(parts, Either::Left(UpBody::Shared(body)));
         }
         let upstream_side = hyper::upgrade::on(&mut resp);
         let listener = self.st.config.name.clone();
@@ -532,7 +531,7 @@ impl Ctx {
     fn respond(
         &self,
         pool: &pool::Pool,
-        resp: Response<Incoming>,
+        resp: Response<UpBody>,
         captured: &hyper_util::client::legacy::connect::CaptureConnection,
         sent: Instant,
         received: Version,
@@ -559,10 +558,18 @@ impl Ctx {
 
     /// The answer to a request the upstream did not answer: 504 when the connect
     /// attempts timed out, else 502, naming the upstream and the last reason.
-    fn failed(&self, up: &Upstream, e: &hyper_util::client::legacy::Error) -> Response<Body> {
+    fn failed(&self, up: &Upstream, e: &SendError) -> Response<Body> {
         let name = &up.config.name;
-        let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-        let mut reason = e.to_string();
+        let top: &(dyn std::error::Error + 'static) = match e {
+            SendError::Connect(p) => p,
+            SendError::Http(h) => h,
+            SendError::Shared(l) => l,
+        };
+        let mut reason = top.to_string();
+        let mut source = match e {
+            SendError::Connect(_) => Some(top),
+            _ => top.source(),
+        };
         let mut status = StatusCode::BAD_GATEWAY;
         while let Some(s) = source {
             if let Some(p) = s.downcast_ref::<PoolConnectError>() {

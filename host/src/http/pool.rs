@@ -19,11 +19,13 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::uri::{Authority, Scheme};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -42,7 +44,23 @@ pub type OutBody = http_body_util::Either<Incoming, http_body_util::Full<bytes::
 /// The connection pool of one upstream, built on first use by an `http` listener.
 #[derive(Debug)]
 pub struct Pool {
+    /// HTTP/2 connections (and HTTP/1.1 ones while this upstream is known to offer
+    /// HTTP/2), in hyper-util's pool: one connection carries many requests at once,
+    /// driven by a task of its own.
     client: Client<Connector, OutBody>,
+    /// Opens the HTTP/1.1 connections kept in `idle`.
+    connector: Connector,
+    /// This upstream negotiated or is configured for HTTP/2: requests take `client`.
+    /// Shared by all the upstream's pools, so that one ALPN answer settles it.
+    h2: Arc<AtomicBool>,
+    /// HTTP/1.1 connections between requests, newest last.
+    idle: Mutex<Vec<Idle>>,
+    /// `http.pool_max_idle`.
+    max_idle: usize,
+    /// `http.pool_idle_timeout`.
+    idle_timeout: Duration,
+    /// A task reaps `idle` (see [`Pool::reap`]).
+    reaping: AtomicBool,
     /// `https` with TLS, else `http` (HTTP/2's `:scheme`).
     pub scheme: Scheme,
     /// What the upstream sees as `Host` / `:authority`, or why there is none.
@@ -69,13 +87,24 @@ impl Pool {
         if cfg.version == HttpVersion::Http2 {
             builder.http2_only(true);
         }
-        let client = builder.build(Connector {
+        let connector = Connector {
             upstream: Arc::downgrade(upstream),
             version: cfg.version,
             tag,
-        });
+            parked: Default::default(),
+        };
+        let client = builder.build(connector.clone());
+        if cfg.version == HttpVersion::Http2 {
+            upstream.http_h2.store(true, Ordering::Relaxed);
+        }
         Pool {
             client,
+            connector,
+            h2: upstream.http_h2.clone(),
+            idle: Mutex::new(Vec::new()),
+            max_idle: cfg.pool_max_idle,
+            idle_timeout: cfg.pool_idle_timeout,
+            reaping: AtomicBool::new(false),
             scheme: if upstream.tls.is_some() {
                 Scheme::HTTPS
             } else {
@@ -88,9 +117,304 @@ impl Pool {
         }
     }
 
-    /// The pooled client.
-    pub fn client(&self) -> &Client<Connector, OutBody> {
-        &self.client
+    /// Sends `req` on a pooled connection and returns the response head; its body
+    /// streams from the upstream as the app reads it.
+    ///
+    /// An HTTP/1.1 exchange runs inside the caller's task: the pooled connection is
+    /// polled by this future and then by the response body, and goes back to the pool
+    /// when the body has been read to its end. hyper-util's client would drive it
+    /// from a task of its own and spawn a further task per request to watch for the
+    /// connection to become idle, so that each request woke three tasks; here it is
+    /// one. HTTP/2 connections, shared by concurrent requests, stay in `client`.
+    pub async fn send(self: &Arc<Self>, mut req: Request<OutBody>) -> Result<Response<UpBody>, SendError> {
+        loop {
+            if self.h2.load(Ordering::Relaxed) {
+                return match self.client.request(req).await {
+                    Ok(r) => Ok(r.map(UpBody::Shared)),
+                    Err(e) => Err(SendError::Shared(e)),
+                };
+            }
+            let (mut conn, reused) = match self.checkout() {
+                Some(c) => (c, true),
+                None => {
+                    let c = self.connector.open().await.map_err(SendError::Connect)?;
+                    if c.h2 {
+                        // The upstream chose HTTP/2 by ALPN: from now on its requests
+                        // share connections, starting with this one.
+                        self.h2.store(true, Ordering::Relaxed);
+                        *self.connector.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+                        continue;
+                    }
+                    (H1Conn::handshake(c).await.map_err(SendError::Http)?, false)
+                }
+            };
+            // HTTP/1.1 wants the origin form and the authority in `Host`, which
+            // hyper's connection-level client leaves to its caller.
+            let absolute = req.uri().clone();
+            if let Some(a) = absolute.authority()
+                && let Ok(host) = http::HeaderValue::from_str(a.as_str())
+            {
+                req.headers_mut().insert(http::header::HOST, host);
+            }
+            *req.uri_mut() = absolute
+                .path_and_query()
+                .cloned()
+                .map_or_else(|| http::Uri::from_static("/"), http::Uri::from);
+            match conn.send(req).await {
+                Ok(mut resp) => {
+                    resp.extensions_mut().insert(conn.info.clone());
+                    let pool = self.clone();
+                    return Ok(resp.map(move |body| {
+                        UpBody::Pooled(Pooled {
+                            body,
+                            conn: Some(conn),
+                            pool,
+                            ended: false,
+                        })
+                    }));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never written: a pooled connection that the upstream closed
+                    // just before. Another connection takes it, whatever the method.
+                    Some(mut r) if reused => {
+                        *r.uri_mut() = absolute;
+                        req = r;
+                    }
+                    _ => return Err(SendError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// An idle HTTP/1.1 connection that can take a request, if there is one.
+    fn checkout(&self) -> Option<H1Conn> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(Idle { mut conn, since }) = idle.pop() {
+            if since.elapsed() < self.idle_timeout
+                && conn.info.opened.elapsed() < self.max_lifetime
+                && conn.settle()
+            {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Takes a connection back after its response was read to the end; one that
+    /// cannot carry another request, is past `max_lifetime`, or finds the pool full
+    /// is closed instead.
+    fn release(self: &Arc<Self>, mut conn: H1Conn) {
+        if conn.info.opened.elapsed() >= self.max_lifetime || !conn.settle() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() >= self.max_idle {
+            return;
+        }
+        idle.push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+        drop(idle);
+        if !self.reaping.swap(true, Ordering::Relaxed) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(Self::reap(Arc::downgrade(self)));
+                }
+                Err(_) => self.reaping.store(false, Ordering::Relaxed),
+            }
+        }
+    }
+
+    /// Closes idle connections once `pool_idle_timeout` has passed over them, for as
+    /// long as any are idle (then it ends, and the next release starts another).
+    async fn reap(pool: Weak<Pool>) {
+        loop {
+            let Some(wait) = pool.upgrade().map(|p| p.idle_timeout) else {
+                return;
+            };
+            tokio::time::sleep(wait / 2).await;
+            let Some(p) = pool.upgrade() else { return };
+            let mut idle = p.idle.lock().unwrap_or_else(|e| e.into_inner());
+            idle.retain(|i| i.since.elapsed() < p.idle_timeout);
+            if idle.is_empty() {
+                p.reaping.store(false, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+}
+
+/// Why [`Pool::send`] got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be opened.
+    #[error(transparent)]
+    Connect(PoolConnectError),
+    /// The pooled HTTP/1.1 connection failed the request.
+    #[error(transparent)]
+    Http(hyper::Error),
+    /// The shared (HTTP/2) client failed the request.
+    #[error(transparent)]
+    Shared(hyper_util::client::legacy::Error),
+}
+
+impl SendError {
+    /// No upstream connection was reached (the connector's retries and failover are
+    /// behind this already).
+    pub fn is_connect(&self) -> bool {
+        match self {
+            SendError::Connect(_) => true,
+            SendError::Http(_) => false,
+            SendError::Shared(e) => e.is_connect(),
+        }
+    }
+}
+
+/// An idle pooled connection.
+#[derive(Debug)]
+struct Idle {
+    conn: H1Conn,
+    since: Instant,
+}
+
+/// One pooled HTTP/1.1 connection: hyper's client state machine, polled by whichever
+/// request uses it.
+struct H1Conn {
+    send: hyper::client::conn::http1::SendRequest<OutBody>,
+    conn: hyper::client::conn::http1::Connection<Conn, OutBody>,
+    /// The connection future has completed (the connection is closed).
+    done: bool,
+    info: ConnInfo,
+}
+
+impl std::fmt::Debug for H1Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H1Conn")
+            .field("done", &self.done)
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl H1Conn {
+    async fn handshake(c: Conn) -> Result<H1Conn, hyper::Error> {
+        let info = c.info.clone();
+        let (send, conn) = hyper::client::conn::http1::handshake(c).await?;
+        Ok(H1Conn {
+            send,
+            conn,
+            done: false,
+            info,
+        })
+    }
+
+    /// Polls the connection (writing the request, reading the response head) until
+    /// the response head is in.
+    async fn send(
+        &mut self,
+        req: Request<OutBody>,
+    ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<OutBody>>> {
+        let answer = self.send.try_send_request(req);
+        let mut answer = std::pin::pin!(answer);
+        std::future::poll_fn(|cx| {
+            self.drive(cx);
+            answer.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// Lets the connection make progress; once it has completed it is not polled again.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        if !self.done && Pin::new(&mut self.conn).poll(cx).is_ready() {
+            self.done = true;
+        }
+    }
+
+    /// Whether the connection is open and ready for a request, after letting it
+    /// catch up (a close that has arrived is read here). Its wakeups go nowhere: an
+    /// idle connection is not watched.
+    fn settle(&mut self) -> bool {
+        self.drive(&mut Context::from_waker(std::task::Waker::noop()));
+        !self.done && self.send.is_ready()
+    }
+}
+
+/// A response body as it comes from upstream.
+pub enum UpBody {
+    /// From a pooled HTTP/1.1 connection, which goes back to the pool at its end.
+    Pooled(Pooled),
+    /// From the shared (HTTP/2) client, or an upgrade's own connection.
+    Shared(Incoming),
+}
+
+impl std::fmt::Debug for UpBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpBody::Pooled(_) => f.write_str("UpBody::Pooled"),
+            UpBody::Shared(_) => f.write_str("UpBody::Shared"),
+        }
+    }
+}
+
+/// The body of a response on a pooled HTTP/1.1 connection; reading it drives the
+/// connection, and dropping it after its end returns the connection to the pool.
+pub struct Pooled {
+    body: Incoming,
+    conn: Option<H1Conn>,
+    pool: Arc<Pool>,
+    /// The last frame has been read.
+    ended: bool,
+}
+
+impl hyper::body::Body for UpBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        match self.get_mut() {
+            UpBody::Shared(b) => Pin::new(b).poll_frame(cx),
+            UpBody::Pooled(p) => {
+                if let Some(c) = p.conn.as_mut() {
+                    c.drive(cx);
+                }
+                let r = Pin::new(&mut p.body).poll_frame(cx);
+                match &r {
+                    Poll::Ready(None) => p.ended = true,
+                    Poll::Ready(Some(Ok(_))) => p.ended = p.body.is_end_stream(),
+                    _ => {}
+                }
+                r
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Shared(b) => b.is_end_stream(),
+            UpBody::Pooled(p) => p.ended || p.body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            UpBody::Shared(b) => b.size_hint(),
+            UpBody::Pooled(p) => p.body.size_hint(),
+        }
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        // A body left unread would leave its bytes on the connection: then it closes.
+        if (self.ended || hyper::body::Body::is_end_stream(&self.body))
+            && let Some(conn) = self.conn.take()
+        {
+            self.pool.release(conn);
+        }
     }
 }
 
@@ -112,6 +436,9 @@ pub struct Connector {
     version: HttpVersion,
     /// Only endpoints with this tag (a plugin's route).
     tag: Option<String>,
+    /// An HTTP/2 connection opened for a pooled HTTP/1.1 request, which learnt that
+    /// way that the upstream speaks HTTP/2: the shared client's next connection.
+    parked: Arc<Mutex<Option<Conn>>>,
 }
 
 /// What a response learns about the connection that carried it (set by the pool as a
@@ -144,33 +471,44 @@ impl tower_service::Service<http::Uri> for Connector {
     }
 
     fn call(&mut self, _uri: http::Uri) -> Self::Future {
-        // The URI names the upstream as a whole; the endpoint is chosen here, per
+        // The URI names the upstream as a whole; the endpoint is chosen per
         // connection, by the same code that serves `tcp` and `postgres` listeners.
-        let upstream = self.upstream.clone();
-        let version = self.version;
-        let tag = self.tag.clone();
+        let this = self.clone();
         Box::pin(async move {
-            let up = upstream.upgrade().ok_or(PoolConnectError::Removed)?;
-            let c = up.connect(Handshake::Http(version), tag.as_deref(), None).await?;
-            let h2 = c.io.alpn_h2() || version == HttpVersion::Http2;
-            let labels = HttpConnectionLabels {
-                upstream: up.config.name.clone(),
-                endpoint: c.endpoint.config.address.clone(),
-                protocol: if h2 { "http2" } else { "http1" },
-            };
-            up.metrics().http_connections_opened.get_or_create(&labels).inc();
-            let open = up.metrics().http_connections_open.get_or_create(&labels).clone();
-            open.inc();
-            tracing::debug!(upstream = %up.config.name, endpoint = %c.endpoint.config.address, h2, "pooled upstream connection opened");
-            Ok(Conn {
-                io: TokioIo::new(c.io),
-                open,
-                h2,
-                info: ConnInfo {
-                    endpoint: c.endpoint,
-                    opened: Instant::now(),
-                },
-            })
+            if let Some(c) = this.parked.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return Ok(c);
+            }
+            this.open().await
+        })
+    }
+}
+
+impl Connector {
+    /// Opens a connection to one of the upstream's endpoints.
+    async fn open(&self) -> Result<Conn, PoolConnectError> {
+        let version = self.version;
+        let up = self.upstream.upgrade().ok_or(PoolConnectError::Removed)?;
+        let c = up
+            .connect(Handshake::Http(version), self.tag.as_deref(), None)
+            .await?;
+        let h2 = c.io.alpn_h2() || version == HttpVersion::Http2;
+        let labels = HttpConnectionLabels {
+            upstream: up.config.name.clone(),
+            endpoint: c.endpoint.config.address.clone(),
+            protocol: if h2 { "http2" } else { "http1" },
+        };
+        up.metrics().http_connections_opened.get_or_create(&labels).inc();
+        let open = up.metrics().http_connections_open.get_or_create(&labels).clone();
+        open.inc();
+        tracing::debug!(upstream = %up.config.name, endpoint = %c.endpoint.config.address, h2, "pooled upstream connection opened");
+        Ok(Conn {
+            io: TokioIo::new(c.io),
+            open,
+            h2,
+            info: ConnInfo {
+                endpoint: c.endpoint,
+                opened: Instant::now(),
+            },
         })
     }
 }
