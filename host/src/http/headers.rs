@@ -16,6 +16,11 @@ const HOP_BY_HOP: [&str; 5] = ["connection", "keep-alive", "te", "transfer-encod
 /// `Upgrade` and `Connection` again, per hop). In a request, `TE: trailers` survives (`keep_te_trailers`): it says the
 /// client takes trailers, which gRPC over HTTP/2 requires end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    // Most messages carry none of them (and then no `Connection` naming others):
+    // one pass over the names settles that, where the removals below hash each name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let te_trailers = keep_te_trailers
         && headers
             .get_all(TE)

@@ -93,7 +93,8 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEAD as u32);
-    let activity = Activity::new();
+    // Only an idle timeout needs to know when bytes last moved.
+    let activity = idle.map(|_| Activity::new());
     let io = TokioIo::new(AppConn {
         sock,
         from_app: bytes.to_upstream,
@@ -103,24 +104,51 @@ pub async fn serve(
     // Upgrades (WebSocket) hand the connection to `upgrade`, which then owns it.
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
+    let stopped = stop.cancelled();
+    let hard = hard_stop.cancelled();
+    tokio::pin!(stopped, hard);
+    let signals = Signals::new();
     let mut closing = false;
     loop {
-        let idle_deadline = idle.map(|d| activity.last() + d);
-        tokio::select! {
-            r = conn.as_mut() => {
+        let idle_deadline = idle.zip(activity.as_ref()).map(|(d, a)| a.last() + d);
+        let idle_wait = sleep_until(idle_deadline);
+        tokio::pin!(idle_wait);
+        let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Event::Ended(r));
+            }
+            if let Some(mut scx) = signals.due(cx) {
+                if hard.as_mut().poll(&mut scx).is_ready() {
+                    return Poll::Ready(Event::HardStop);
+                }
+                if !closing && stopped.as_mut().poll(&mut scx).is_ready() {
+                    return Poll::Ready(Event::Stop);
+                }
+            }
+            if idle_wait.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Idle);
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Event::Ended(r) => {
                 if let Err(e) = r {
                     tracing::debug!(%listener, %peer, error = %e, "http connection ended with an error");
                 }
                 return;
             }
-            _ = stop.cancelled(), if !closing => {
+            Event::Stop => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
-            _ = hard_stop.cancelled() => return,
-            _ = sleep_until(idle_deadline), if idle_deadline.is_some() => {
+            Event::HardStop => return,
+            Event::Idle => {
                 // Bytes may have moved while this slept: look again.
-                if let Some(d) = idle && activity.last() + d <= Instant::now() {
+                if let Some(d) = idle
+                    && let Some(a) = &activity
+                    && a.last() + d <= Instant::now()
+                {
                     if closing {
                         // Still nothing moving a whole idle_timeout after asking the
                         // connection to finish (a head that never completes, say):
@@ -134,6 +162,60 @@ pub async fn serve(
                 }
             }
         }
+    }
+}
+
+/// What ended a wait of [`serve`]'s loop.
+enum Event<E> {
+    Ended(Result<(), E>),
+    Stop,
+    HardStop,
+    Idle,
+}
+
+/// Polls the stop signals of a connection only when they have woken its task: each
+/// poll of a cancellation future takes two locks, and a connection's task wakes
+/// several times per request.
+struct Signals {
+    state: Arc<SignalWaker>,
+    /// Wakes through `state`: sets `woke`, then wakes the task.
+    waker: std::task::Waker,
+}
+
+struct SignalWaker {
+    woke: std::sync::atomic::AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for SignalWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woke.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl Signals {
+    fn new() -> Self {
+        let state = Arc::new(SignalWaker {
+            // The first poll registers the signals' waker.
+            woke: std::sync::atomic::AtomicBool::new(true),
+            task: futures_util::task::AtomicWaker::new(),
+        });
+        let waker = std::task::Waker::from(state.clone());
+        Signals { state, waker }
+    }
+
+    /// Notes the task's waker; a context to poll the signals with, when they are due.
+    fn due(&self, cx: &Context<'_>) -> Option<Context<'_>> {
+        self.state.task.register(cx.waker());
+        self.state
+            .woke
+            .swap(false, Ordering::AcqRel)
+            .then(|| Context::from_waker(&self.waker))
     }
 }
 
@@ -672,7 +754,8 @@ struct AppConn {
     sock: TcpStream,
     from_app: Counter,
     to_app: Counter,
-    activity: Activity,
+    /// With an `idle_timeout` only.
+    activity: Option<Activity>,
 }
 
 impl AppConn {
@@ -681,7 +764,9 @@ impl AppConn {
             if let Ok(n) = done {
                 self.to_app.inc_by(*n as u64);
             }
-            self.activity.touch();
+            if let Some(a) = &self.activity {
+                a.touch();
+            }
         }
     }
 }
@@ -697,7 +782,9 @@ impl tokio::io::AsyncRead for AppConn {
         let r = Pin::new(&mut this.sock).poll_read(cx, buf);
         if r.is_ready() {
             this.from_app.inc_by((buf.filled().len() - before) as u64);
-            this.activity.touch();
+            if let Some(a) = &this.activity {
+                a.touch();
+            }
         }
         r
     }

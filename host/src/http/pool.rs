@@ -145,7 +145,10 @@ impl Pool {
                         *self.connector.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
                         continue;
                     }
-                    (H1Conn::handshake(c).await.map_err(SendError::Http)?, false)
+                    (
+                        Box::new(H1Conn::handshake(c).await.map_err(SendError::Http)?),
+                        false,
+                    )
                 }
             };
             // HTTP/1.1 wants the origin form and the authority in `Host`, which
@@ -187,7 +190,7 @@ impl Pool {
     }
 
     /// An idle HTTP/1.1 connection that can take a request, if there is one.
-    fn checkout(&self) -> Option<H1Conn> {
+    fn checkout(&self) -> Option<Box<H1Conn>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(Idle { mut conn, since }) = idle.pop() {
             if since.elapsed() < self.idle_timeout
@@ -203,7 +206,7 @@ impl Pool {
     /// Takes a connection back after its response was read to the end; one that
     /// cannot carry another request, is past `max_lifetime`, or finds the pool full
     /// is closed instead.
-    fn release(self: &Arc<Self>, mut conn: H1Conn) {
+    fn release(self: &Arc<Self>, mut conn: Box<H1Conn>) {
         if conn.info.opened.elapsed() >= self.max_lifetime || !conn.settle() {
             return;
         }
@@ -274,7 +277,7 @@ impl SendError {
 /// An idle pooled connection.
 #[derive(Debug)]
 struct Idle {
-    conn: H1Conn,
+    conn: Box<H1Conn>,
     since: Instant,
 }
 
@@ -361,7 +364,8 @@ impl std::fmt::Debug for UpBody {
 /// connection, and dropping it after its end returns the connection to the pool.
 pub struct Pooled {
     body: Incoming,
-    conn: Option<H1Conn>,
+    /// Boxed: the connection state is large, and the body moves between futures.
+    conn: Option<Box<H1Conn>>,
     pool: Arc<Pool>,
     /// The last frame has been read.
     ended: bool,
