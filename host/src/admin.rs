@@ -23,6 +23,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ambassador::Shared;
 
+/// A client gets this long to send each request head: a connection that trickles one
+/// (or sits idle between requests) is closed rather than held open forever.
+const ADMIN_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves admin requests until `stop`.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
     loop {
@@ -44,6 +48,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
                 async move { Ok::<_, Infallible>(route(&shared, &req)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(ADMIN_HEAD_TIMEOUT)
                 .serve_connection(TokioIo::new(sock), service)
                 .await;
         });

@@ -69,6 +69,9 @@ async fn probe(up: &Upstream, ep: &Endpoint) -> Result<(), String> {
         .unwrap_or_else(|_| Err(format!("no answer within {:?}", h.timeout)))
 }
 
+/// The most of a health answer's body that is read.
+const HEALTH_BODY_LIMIT: usize = 64 * 1024;
+
 /// `GET health.path` on one endpoint, over the upstream's TLS (verified like any
 /// other connection to it) and with the `Host` that requests get; HTTP/2 when ALPN
 /// (or `http.version = "http2"`) says so, else HTTP/1.1. A fresh connection each
@@ -117,8 +120,11 @@ async fn http_probe(up: &Upstream, ep: &Endpoint) -> Result<(), String> {
     }
     .map_err(|e| format!("GET {}: {e}", h.path))?;
     let status = response.status().as_u16();
-    // Read the (small) body so the connection ends cleanly; its content is not judged.
-    let _ = response.into_body().collect().await;
+    // Read the body so the connection ends cleanly; its content is not judged, and
+    // past HEALTH_BODY_LIMIT (an endpoint streaming without end, say) it is dropped.
+    let _ = http_body_util::Limited::new(response.into_body(), HEALTH_BODY_LIMIT)
+        .collect()
+        .await;
     let healthy = match h.expect {
         Some(want) => status == want,
         None => (200..300).contains(&status),

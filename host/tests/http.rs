@@ -1181,6 +1181,33 @@ async fn idle_app_connections_close_and_a_drain_ends_keep_alive_connections_grac
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_closes_a_connection_whose_head_never_ends_and_keeps_answering() {
+    let amb = start(&[]).await;
+    let admin = amb.admin_addr();
+    let mut slow = TcpStream::connect(admin).await.expect("connect");
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .expect("write");
+    // Others are served while it trickles.
+    let (status, _) = http_get(admin, "/listeners").await;
+    assert_eq!(status, 200);
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    tokio::time::timeout(PATIENCE, slow.read_to_end(&mut got))
+        .await
+        .expect("the admin server closed the connection of a head that never ends")
+        .ok();
+    let got = String::from_utf8_lossy(&got);
+    assert!(!got.contains("200 OK"), "{got}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    amb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_requests_are_retried_after_a_reset_or_503_and_posts_are_not() {
     let pki = Pki::new();
     let one = Upstream::start(&pki, "one", &[b"http/1.1"]).await;
@@ -1248,6 +1275,7 @@ async fn a_websocket_upgrade_passes_through_to_an_https_upstream_and_echoes() {
     let one = Upstream::start(&pki, "one", &[b"h2", b"http/1.1"]).await;
     let amb = start(&[
         listener_block("api", "api", ""),
+        listener_block("quiet", "api", "idle_timeout = \"500ms\""),
         upstream_block(&pki, "api", &[(one.addr, 0)], ""),
     ])
     .await;
@@ -1287,6 +1315,43 @@ async fn a_websocket_upgrade_passes_through_to_an_https_upstream_and_echoes() {
     assert_eq!(answer.into_data().as_ref(), big.as_slice());
     ws.close(None).await.expect("closing");
     assert_eq!(one.hits("/ws"), 1, "one handshake reached the upstream");
+
+    // The listener's idle_timeout holds for a tunnel too: a WebSocket that stays
+    // silent is closed, while one that keeps talking past the same time stays open.
+    let quiet_addr = listener(&amb, "quiet");
+    let open_ws = || async move {
+        let tcp = TcpStream::connect(quiet_addr).await.expect("connect");
+        tokio::time::timeout(
+            PATIENCE,
+            tokio_tungstenite::client_async(format!("ws://{quiet_addr}/ws"), tcp),
+        )
+        .await
+        .expect("the handshake in time")
+        .expect("a WebSocket handshake through the listener")
+        .0
+    };
+    let mut silent = open_ws().await;
+    let mut chatty = open_ws().await;
+    for i in 0..8 {
+        chatty
+            .send(Message::text(format!("still here {i}")))
+            .await
+            .expect("sending");
+        let answer = tokio::time::timeout(PATIENCE, chatty.next())
+            .await
+            .expect("an answer in time")
+            .expect("the chatty tunnel is open")
+            .expect("a message");
+        assert_eq!(answer, Message::text(format!("one: still here {i}")));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ended = tokio::time::timeout(PATIENCE, silent.next())
+        .await
+        .expect("the silent tunnel was closed");
+    assert!(
+        !matches!(ended, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "{ended:?}"
+    );
 
     // Ordinary requests on new app connections still work beside it.
     let mut app = h1(addr).await;
@@ -1352,6 +1417,36 @@ async fn an_http_health_check_takes_an_endpoint_that_answers_503_out_of_rotation
         0,
         "no request reached the unhealthy endpoint"
     );
+    amb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_health_check_reads_only_the_start_of_an_endless_body() {
+    let pki = Pki::new();
+    let endless = Upstream::start(&pki, "endless", &[b"http/1.1"]).await;
+    // A terabyte, generated as it is read: no probe could read it in time.
+    let path = "/download?bytes=1000000000000";
+    let amb = start(&[
+        listener_block("api", "api", ""),
+        upstream_block(
+            &pki,
+            "api",
+            &[(endless.addr, 0)],
+            &format!(
+                r#"health = {{ check = "http", path = "{path}", expect = 200, interval = "100ms", timeout = "2s", unhealthy_after = 1, healthy_after = 1 }}"#
+            ),
+        ),
+    ])
+    .await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while endless.hits(path) < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "probes did not complete");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Each probe judged the status and let the body go, within its timeout.
+    let up = amb.shared().upstream("api").expect("upstream api");
+    let ep = up.status().endpoints.into_iter().next().expect("the endpoint");
+    assert!(ep.healthy && ep.last_error.is_none(), "{ep:?}");
     amb.shutdown().await;
 }
 

@@ -566,6 +566,7 @@ impl Ctx {
         }
         let upstream_side = hyper::upgrade::on(&mut resp);
         let listener = self.st.config.name.clone();
+        let idle = self.st.config.idle_timeout;
         let hard_stop = self.shared.hard_stop.clone();
         // On the tracker, so that a drain waits for open tunnels like for connections.
         self.shared.tracker.spawn(async move {
@@ -577,14 +578,33 @@ impl Ctx {
                     return;
                 }
             };
-            let (mut app, mut upstream) = (TokioIo::new(app), TokioIo::new(upstream));
-            tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut app, &mut upstream) => {
-                    if let Err(e) = r {
-                        tracing::debug!(%listener, error = %e, "upgraded connection ended with an error");
+            // The listener's idle_timeout holds for the tunnel too: no byte either way
+            // for that long closes it.
+            let activity = Activity::new();
+            let mut app = Tracked {
+                io: TokioIo::new(app),
+                activity: activity.clone(),
+            };
+            let mut upstream = TokioIo::new(upstream);
+            let copy = tokio::io::copy_bidirectional(&mut app, &mut upstream);
+            tokio::pin!(copy);
+            loop {
+                let deadline = idle.map(|d| activity.last() + d);
+                tokio::select! {
+                    r = copy.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!(%listener, error = %e, "upgraded connection ended with an error");
+                        }
+                        return;
+                    }
+                    _ = hard_stop.cancelled() => return,
+                    _ = sleep_until(deadline), if deadline.is_some() => {
+                        if let Some(d) = idle && activity.last() + d <= Instant::now() {
+                            tracing::info!(%listener, "closing idle upgraded connection");
+                            return;
+                        }
                     }
                 }
-                _ = hard_stop.cancelled() => {}
             }
         });
         // The 101 goes back with the upstream's `Upgrade` and `Connection: upgrade`.
@@ -743,6 +763,47 @@ impl Activity {
 
     fn last(&self) -> Instant {
         self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// An upgraded app connection whose reads and writes count as activity (both ways
+/// of a tunnel pass through it).
+struct Tracked<T> {
+    io: T,
+    activity: Activity,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Tracked<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if r.is_ready() {
+            this.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tracked<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        if r.is_ready() {
+            this.activity.touch();
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

@@ -65,6 +65,8 @@ pub struct Pool {
     pub scheme: Scheme,
     /// What the upstream sees as `Host` / `:authority`, or why there is none.
     pub authority: Result<Authority, String>,
+    /// `authority` as a `Host` value, made once.
+    host: Option<http::HeaderValue>,
     /// `http.max_lifetime`.
     pub max_lifetime: Duration,
     /// `http.retry`.
@@ -97,9 +99,15 @@ impl Pool {
         if cfg.version == HttpVersion::Http2 {
             upstream.http_h2.store(true, Ordering::Relaxed);
         }
+        let authority = super::headers::upstream_authority(&upstream.config);
+        let host = authority
+            .as_ref()
+            .ok()
+            .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok());
         Pool {
             client,
             connector,
+            host,
             h2: upstream.http_h2.clone(),
             idle: Mutex::new(Vec::new()),
             max_idle: cfg.pool_max_idle,
@@ -110,7 +118,7 @@ impl Pool {
             } else {
                 Scheme::HTTP
             },
-            authority: super::headers::upstream_authority(&upstream.config),
+            authority,
             max_lifetime: cfg.max_lifetime,
             retry: cfg.retry.clone(),
             budget: upstream.http_budget.clone(),
@@ -154,10 +162,8 @@ impl Pool {
             // HTTP/1.1 wants the origin form and the authority in `Host`, which
             // hyper's connection-level client leaves to its caller.
             let absolute = req.uri().clone();
-            if let Some(a) = absolute.authority()
-                && let Ok(host) = http::HeaderValue::from_str(a.as_str())
-            {
-                req.headers_mut().insert(http::header::HOST, host);
+            if let Some(host) = &self.host {
+                req.headers_mut().insert(http::header::HOST, host.clone());
             }
             *req.uri_mut() = absolute
                 .path_and_query()
