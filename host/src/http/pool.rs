@@ -3,18 +3,31 @@
 //! priorities, health, passive ejection, connect timeout and retries) and TLS
 //! settings, with ALPN deciding HTTP/2 or HTTP/1.1 per connection.
 //!
-//! # Why hyper-util's pool rather than bb8
-//! bb8 hands out a connection to one user at a time. That fits HTTP/1.1 keep-alive,
-//! but an HTTP/2 connection carries many requests at once, so bb8 would need a
-//! second layer of our own to share it, to notice when a connection is no longer
-//! ready, and to choose the protocol per connection. hyper-util's `legacy::Client`
-//! already does all of that: HTTP/1.1 connections go back to the pool once their
-//! response is read, HTTP/2 connections are shared while open, idle connections are
-//! reaped after `pool_idle_timeout`, at most `pool_max_idle` stay idle, and a
-//! request that never left because the server had just closed a pooled connection is
-//! sent again on another one. What it lacks is a maximum lifetime; that is added here
-//! by poisoning (not reusing) a connection older than `max_lifetime` after it served
-//! a response.
+//! # HTTP/2 in hyper-util's pool, HTTP/1.1 in a list of our own
+//! An HTTP/2 connection carries many requests at once. hyper-util's `legacy::Client`
+//! shares it while it is open, notices when it is no longer ready, reaps it after
+//! `pool_idle_timeout`, and sends again a request that never left because the server
+//! had just closed the connection; it drives each connection from a task of its own.
+//! What it lacks is a maximum lifetime, added here by poisoning a connection older
+//! than `max_lifetime` after the response it is carrying.
+//!
+//! An HTTP/1.1 connection carries one request at a time, and the same client would
+//! drive it from its own task too and spawn a further task per request to see it
+//! become idle: three tasks woken per request. So HTTP/1.1 connections are kept here,
+//! in a short list per pool (a pool belongs to one connection thread), and each
+//! exchange runs in the app connection's task on hyper's connection-level client:
+//! the request's future polls the connection until the response head is in, the
+//! response body polls it while the app reads, and the connection goes back on the
+//! list once the body has been read to its end. The rules are the same as hyper-util's
+//! (at most `pool_max_idle` idle, closed after `pool_idle_timeout`, a request that
+//! never left sent again on another connection), and a connection past
+//! `max_lifetime` takes no new request. bb8 would have fitted this part, but each of
+//! its checkouts is an async call with a timeout and bookkeeping of its own, the
+//! kind of per-request work this path is meant to shed; the list is written here by
+//! hand, in about a hundred lines.
+//!
+//! Whether an upstream speaks HTTP/2 is known from its configuration or learnt from
+//! ALPN on the first connection; that connection is handed to the shared client.
 
 use std::future::Future;
 use std::io;
