@@ -1280,38 +1280,39 @@ async fn a_websocket_upgrade_passes_through_to_an_https_upstream_and_echoes() {
     ])
     .await;
     let addr = listener(&amb, "api");
-    let tcp = TcpStream::connect(addr)
-        .await
-        .expect("connecting to the listener");
-    let (mut ws, resp) = tokio::time::timeout(
-        PATIENCE,
-        tokio_tungstenite::client_async(format!("ws://{addr}/ws"), tcp),
-    )
-    .await
-    .expect("the handshake in time")
-    .expect("a WebSocket handshake through the listener");
-    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
-    for i in 0..20 {
-        ws.send(Message::text(format!("ping {i}")))
+    let open_ws = |addr: SocketAddr| async move {
+        let tcp = TcpStream::connect(addr)
             .await
-            .expect("sending");
-        let answer = tokio::time::timeout(PATIENCE, ws.next())
+            .expect("connecting to the listener");
+        tokio::time::timeout(
+            PATIENCE,
+            tokio_tungstenite::client_async(format!("ws://{addr}/ws"), tcp),
+        )
+        .await
+        .expect("the handshake in time")
+        .expect("a WebSocket handshake through the listener")
+    };
+    // Sends `message` and returns the upstream's answer.
+    async fn round_trip<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, message: Message) -> Message
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        ws.send(message).await.expect("sending");
+        tokio::time::timeout(PATIENCE, ws.next())
             .await
             .expect("an answer in time")
             .expect("the stream is open")
-            .expect("a message");
+            .expect("a message")
+    }
+    let (mut ws, resp) = open_ws(addr).await;
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    for i in 0..20 {
+        let answer = round_trip(&mut ws, Message::text(format!("ping {i}"))).await;
         assert_eq!(answer, Message::text(format!("one: ping {i}")));
     }
     // A large binary message comes back whole.
     let big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
-    ws.send(Message::binary(big.clone()))
-        .await
-        .expect("sending binary");
-    let answer = tokio::time::timeout(PATIENCE, ws.next())
-        .await
-        .expect("an answer in time")
-        .expect("the stream is open")
-        .expect("a message");
+    let answer = round_trip(&mut ws, Message::binary(big.clone())).await;
     assert_eq!(answer.into_data().as_ref(), big.as_slice());
     ws.close(None).await.expect("closing");
     assert_eq!(one.hits("/ws"), 1, "one handshake reached the upstream");
@@ -1319,29 +1320,10 @@ async fn a_websocket_upgrade_passes_through_to_an_https_upstream_and_echoes() {
     // The listener's idle_timeout holds for a tunnel too: a WebSocket that stays
     // silent is closed, while one that keeps talking past the same time stays open.
     let quiet_addr = listener(&amb, "quiet");
-    let open_ws = || async move {
-        let tcp = TcpStream::connect(quiet_addr).await.expect("connect");
-        tokio::time::timeout(
-            PATIENCE,
-            tokio_tungstenite::client_async(format!("ws://{quiet_addr}/ws"), tcp),
-        )
-        .await
-        .expect("the handshake in time")
-        .expect("a WebSocket handshake through the listener")
-        .0
-    };
-    let mut silent = open_ws().await;
-    let mut chatty = open_ws().await;
+    let mut silent = open_ws(quiet_addr).await.0;
+    let mut chatty = open_ws(quiet_addr).await.0;
     for i in 0..8 {
-        chatty
-            .send(Message::text(format!("still here {i}")))
-            .await
-            .expect("sending");
-        let answer = tokio::time::timeout(PATIENCE, chatty.next())
-            .await
-            .expect("an answer in time")
-            .expect("the chatty tunnel is open")
-            .expect("a message");
+        let answer = round_trip(&mut chatty, Message::text(format!("still here {i}"))).await;
         assert_eq!(answer, Message::text(format!("one: still here {i}")));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

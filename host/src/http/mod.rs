@@ -72,11 +72,16 @@ pub async fn serve(
     let hard_stop = shared.hard_stop.clone();
     let idle = st.config.idle_timeout;
     let listener = st.config.name.clone();
+    // Only an idle timeout needs to know when bytes last moved. An upgraded tunnel
+    // runs on this same connection (hyper hands its I/O over), so it notes its
+    // activity here too.
+    let activity = idle.map(|_| Activity::new());
     let ctx = Arc::new(Ctx {
         shared,
         st,
         peer,
         client_addr: std::sync::OnceLock::new(),
+        activity: activity.clone(),
     });
     let bytes = ctx.st.conn_metrics(&ctx.shared).bytes.clone();
     let service = hyper::service::service_fn(move |req| {
@@ -93,8 +98,6 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEAD as u32);
-    // Only an idle timeout needs to know when bytes last moved.
-    let activity = idle.map(|_| Activity::new());
     let io = TokioIo::new(AppConn {
         sock,
         from_app: bytes.to_upstream,
@@ -232,6 +235,8 @@ struct Ctx {
     peer: SocketAddr,
     /// `peer` as text for the plugins, made once per connection.
     client_addr: std::sync::OnceLock<String>,
+    /// When bytes last moved on the app connection (with an `idle_timeout` only).
+    activity: Option<Activity>,
 }
 
 /// Where a request goes, after the plugins.
@@ -567,6 +572,7 @@ impl Ctx {
         let upstream_side = hyper::upgrade::on(&mut resp);
         let listener = self.st.config.name.clone();
         let idle = self.st.config.idle_timeout;
+        let activity = self.activity.clone();
         let hard_stop = self.shared.hard_stop.clone();
         // On the tracker, so that a drain waits for open tunnels like for connections.
         self.shared.tracker.spawn(async move {
@@ -580,16 +586,12 @@ impl Ctx {
             };
             // The listener's idle_timeout holds for the tunnel too: no byte either way
             // for that long closes it.
-            let activity = Activity::new();
-            let mut app = Tracked {
-                io: TokioIo::new(app),
-                activity: activity.clone(),
-            };
+            let mut app = TokioIo::new(app);
             let mut upstream = TokioIo::new(upstream);
             let copy = tokio::io::copy_bidirectional(&mut app, &mut upstream);
             tokio::pin!(copy);
             loop {
-                let deadline = idle.map(|d| activity.last() + d);
+                let deadline = idle.zip(activity.as_ref()).map(|(d, a)| a.last() + d);
                 tokio::select! {
                     r = copy.as_mut() => {
                         if let Err(e) = r {
@@ -599,7 +601,10 @@ impl Ctx {
                     }
                     _ = hard_stop.cancelled() => return,
                     _ = sleep_until(deadline), if deadline.is_some() => {
-                        if let Some(d) = idle && activity.last() + d <= Instant::now() {
+                        if let Some(d) = idle
+                            && let Some(a) = &activity
+                            && a.last() + d <= Instant::now()
+                        {
                             tracing::info!(%listener, "closing idle upgraded connection");
                             return;
                         }
@@ -763,47 +768,6 @@ impl Activity {
 
     fn last(&self) -> Instant {
         self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
-    }
-}
-
-/// An upgraded app connection whose reads and writes count as activity (both ways
-/// of a tunnel pass through it).
-struct Tracked<T> {
-    io: T,
-    activity: Activity,
-}
-
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Tracked<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.io).poll_read(cx, buf);
-        if r.is_ready() {
-            this.activity.touch();
-        }
-        r
-    }
-}
-
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tracked<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.io).poll_write(cx, buf);
-        if r.is_ready() {
-            this.activity.touch();
-        }
-        r
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
