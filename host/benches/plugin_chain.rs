@@ -5,7 +5,9 @@
 //!     connection, over 0, 1 and 3 real plugins (allow-list, route-by-database,
 //!     access-log, built from `plugins/`), timing `Chain::new` + `on_connect` +
 //!     `on_close` per connection with the production instance reuse; on one thread and
-//!     on two threads at once.
+//!     on two threads at once. A last row runs the three plugins with the binary's log
+//!     subscriber and writer, so that it pays for access-log's lines (the parts after
+//!     it log the same way, into /dev/null).
 //! (b) **New connections per second** through a running release `wasmbassador`
 //!     (`tcp` listeners with 0, 1 and 3 plugins, in one process, one run) in front of
 //!     a tokio echo server in this process, next to a direct connection; a fixed number
@@ -193,6 +195,7 @@ config = {{ routes = {{ orders = "orders", reporting = "tag:replica" }} }}
 name = "access-log"
 path = {log}
 on_error = "allow"
+log_lines_per_second = 0
 
 [[plugin]]
 name = "allow-all"
@@ -361,9 +364,17 @@ fn chain_bench(dir: &Path) -> Vec<ChainRow> {
             &["access-log"],
         ),
     ];
+    let with_logs: (&str, &[&str]) = (
+        "3 plugins, access-log's lines formatted and written (the binary's log writer, to /dev/null)",
+        &["allow-list", "route-by-database", "access-log"],
+    );
     chains
         .iter()
+        .chain([&with_logs])
         .map(|(label, names)| {
+            if std::ptr::eq(*label, with_logs.0) {
+                log_to_dev_null();
+            }
             let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
             let row = ChainRow {
                 label: label.to_string(),
@@ -377,6 +388,24 @@ fn chain_bench(dir: &Path) -> Vec<ChainRow> {
             row
         })
         .collect()
+}
+
+/// From here on, the process logs as the binary does (`wasmbassador::logs`, its format
+/// and filter), into /dev/null; until here, with no subscriber, log calls are skipped.
+/// Global rather than scoped to the row's threads: tracing keeps a callsite first hit
+/// on a thread without a scoped subscriber disabled for scoped ones that come later.
+fn log_to_dev_null() {
+    static FLUSH: std::sync::OnceLock<wasmbassador::logs::FlushGuard> = std::sync::OnceLock::new();
+    let sink = std::fs::File::create("/dev/null").expect("/dev/null");
+    let (writer, flush) = wasmbassador::logs::batched(sink).expect("log writer");
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_ansi(false)
+        .with_writer(writer)
+        .finish();
+    if tracing::subscriber::set_global_default(subscriber).is_ok() {
+        let _ = FLUSH.set(flush);
+    }
 }
 
 // ---------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ pub mod health;
 pub mod http;
 pub mod inject;
 pub mod listener;
+pub mod logs;
 pub mod metrics;
 pub mod plugin;
 pub mod postgres;

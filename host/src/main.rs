@@ -147,15 +147,13 @@ fn probe(
 }
 
 /// Log lines are formatted on the thread that logs and written to stderr by a thread of
-/// their own (tracing-appender), in batches: a connection thread never waits on a slow
-/// stderr pipe, and under load (an access-log plugin writes a line per connection) many
-/// lines share one write instead of one system call each. Lossless: when 128k lines
-/// wait, the loggers wait too. The guard flushes what is left when dropped.
-fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("wb-log")
-        .finish(std::io::BufWriter::new(std::io::stderr()));
+/// their own, in batches (`wasmbassador::logs`): a connection thread never waits on a
+/// slow stderr pipe, and under load (an access-log plugin writes a line per connection)
+/// many lines share one write instead of a wake-up and a system call each. Lossless:
+/// when 8 MiB wait, the loggers wait too. The guard writes what is left when dropped.
+fn init_logs(format: LogFormat) -> anyhow::Result<wasmbassador::logs::FlushGuard> {
+    let (writer, guard) =
+        wasmbassador::logs::batched(std::io::stderr()).context("cannot start the log writer thread")?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: log files and `kubectl logs` get plain text.
@@ -167,7 +165,7 @@ fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    guard
+    Ok(guard)
 }
 
 fn main() -> ExitCode {
@@ -181,7 +179,13 @@ fn main() -> ExitCode {
     {
         return probe(kind, admin, config, timeout);
     }
-    let logs = init_logs(cli.log_format);
+    let logs = match init_logs(cli.log_format) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     // This runtime runs the control side (admin, reloads, health checks, accepting);
     // connections run on the ambassador's connection threads (`crate::workers`).
     let threads = cli
