@@ -364,30 +364,29 @@ fn chain_bench(dir: &Path) -> Vec<ChainRow> {
             &["access-log"],
         ),
     ];
-    let with_logs: (&str, &[&str]) = (
+    let measure = |label: &str, names: &[&str]| {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let row = ChainRow {
+            label: label.to_string(),
+            one_thread: time_chain(&plugins, &names, per_batch, 1),
+            two_threads: time_chain(&plugins, &names, per_batch, 2),
+        };
+        eprintln!(
+            "chain {label}: cpu {:.0} ns / {:.0} ns",
+            row.one_thread.cpu_ns, row.two_threads.cpu_ns
+        );
+        row
+    };
+    let mut rows: Vec<ChainRow> = chains
+        .iter()
+        .map(|(label, names)| measure(label, names))
+        .collect();
+    log_to_dev_null();
+    rows.push(measure(
         "3 plugins, access-log's lines formatted and written (the binary's log writer, to /dev/null)",
         &["allow-list", "route-by-database", "access-log"],
-    );
-    chains
-        .iter()
-        .chain([&with_logs])
-        .map(|(label, names)| {
-            if std::ptr::eq(*label, with_logs.0) {
-                log_to_dev_null();
-            }
-            let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-            let row = ChainRow {
-                label: label.to_string(),
-                one_thread: time_chain(&plugins, &names, per_batch, 1),
-                two_threads: time_chain(&plugins, &names, per_batch, 2),
-            };
-            eprintln!(
-                "chain {label}: cpu {:.0} ns / {:.0} ns",
-                row.one_thread.cpu_ns, row.two_threads.cpu_ns
-            );
-            row
-        })
-        .collect()
+    ));
+    rows
 }
 
 /// From here on, the process logs as the binary does (`wasmbassador::logs`, its format

@@ -1018,6 +1018,17 @@ async fn an_unreachable_upstream_is_a_502_naming_it_and_a_silent_one_a_504() {
     amb.shutdown().await;
 }
 
+/// What comes back on `s` until the server closes it (a reset counts as a close);
+/// fails with `closed` as the expectation if that takes longer than `PATIENCE`.
+async fn until_closed(s: &mut TcpStream, closed: &str) -> String {
+    let mut got = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut got))
+        .await
+        .expect(closed)
+        .ok();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 /// Sends raw bytes on a fresh connection and returns what comes back until the
 /// server closes, a whole response head has arrived, or 4 KiB.
 async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
@@ -1138,12 +1149,7 @@ async fn idle_app_connections_close_and_a_drain_ends_keep_alive_connections_grac
     slow.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         .await
         .expect("write");
-    let mut got = Vec::new();
-    tokio::time::timeout(PATIENCE, slow.read_to_end(&mut got))
-        .await
-        .expect("the partial head's connection was closed")
-        .ok();
-    let got = String::from_utf8_lossy(&got);
+    let got = until_closed(&mut slow, "the partial head's connection was closed").await;
     assert!(!got.contains("hello from"), "{got}");
 
     // A keep-alive connection does not hold up a drain: it is closed between
@@ -1198,12 +1204,11 @@ async fn the_admin_endpoint_closes_a_connection_whose_head_never_ends_and_keeps_
     let (status, _) = http_get(admin, "/listeners").await;
     assert_eq!(status, 200);
     let started = std::time::Instant::now();
-    let mut got = Vec::new();
-    tokio::time::timeout(PATIENCE, slow.read_to_end(&mut got))
-        .await
-        .expect("the admin server closed the connection of a head that never ends")
-        .ok();
-    let got = String::from_utf8_lossy(&got);
+    let got = until_closed(
+        &mut slow,
+        "the admin server closed the connection of a head that never ends",
+    )
+    .await;
     assert!(!got.contains("200 OK"), "{got}");
     assert!(
         started.elapsed() < Duration::from_secs(20),
