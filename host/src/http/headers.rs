@@ -32,15 +32,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
                     .next()
                     .is_some_and(|name| name.trim().eq_ignore_ascii_case("trailers"))
             });
-    let named: Vec<HeaderName> = headers
+    // The fields `Connection` names, other than those removed below anyway: nearly
+    // always none (`keep-alive`, `close`), and then nothing is allocated.
+    let named: Vec<String> = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|n| !n.eq_ignore_ascii_case("close") && !HOP_BY_HOP.iter().any(|h| n.eq_ignore_ascii_case(h)))
+        .map(str::to_string)
         .collect();
     for name in named {
-        headers.remove(name);
+        // A `&str` is matched against the map without making a `HeaderName`;
+        // one that is not a valid name is in no map.
+        headers.remove(name.as_str());
     }
     for name in HOP_BY_HOP {
         headers.remove(name);
@@ -141,7 +147,9 @@ mod tests {
     fn hop_by_hop_fields_are_removed_and_te_trailers_kept() {
         let mut h = map(&[
             ("connection", "keep-alive, x-secret, TE"),
+            ("connection", "X-Other ,close"),
             ("x-secret", "1"),
+            ("x-other", "2"),
             ("keep-alive", "timeout=5"),
             ("proxy-authorization", "Basic abc"),
             ("proxy-connection", "keep-alive"),

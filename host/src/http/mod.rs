@@ -323,42 +323,31 @@ impl Ctx {
             return self.upgrade(&up, req).await;
         }
         let pool = &up.http_pool(plan.tag);
-        let authority = match &pool.authority {
-            Ok(a) => a.clone(),
-            Err(e) => {
-                return local(
-                    StatusCode::BAD_GATEWAY,
-                    format!("wasmbassador: upstream {name:?}: {e}\n"),
-                );
-            }
-        };
+        if let Err(e) = &pool.authority {
+            return local(
+                StatusCode::BAD_GATEWAY,
+                format!("wasmbassador: upstream {name:?}: {e}\n"),
+            );
+        }
         let received = req.version();
         let (mut parts, body) = req.into_parts();
-        // Hop-by-hop fields went in `proxy`.
+        // Hop-by-hop fields went in `proxy`. `Via` is added here and `Host` by the
+        // pool: room for both at once, where hyper sized the map to the fields read.
+        parts.headers.reserve(2);
         headers::add_via(&mut parts.headers, received);
-        // The URI's authority becomes `Host` (HTTP/1.1, added by the pool) or
-        // `:authority` (HTTP/2); a `Host` from the app would contradict it.
+        // The pool's authority becomes `Host` (HTTP/1.1) or `:authority` (HTTP/2); a
+        // `Host` from the app would contradict it.
         parts.headers.remove(HOST);
-        // A clone shares the request's bytes: no parse, no copy.
-        let path = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        parts.uri = match Uri::builder()
-            .scheme(pool.scheme.clone())
-            .authority(authority)
-            .path_and_query(path)
-            .build()
-        {
-            Ok(u) => u,
-            Err(e) => {
-                return local(
-                    StatusCode::BAD_REQUEST,
-                    format!("wasmbassador: unusable request target: {e}\n"),
-                );
-            }
-        };
+        // The target goes up in origin form, which HTTP/1.1 sends as it is; the pool
+        // makes the absolute form only for an HTTP/2 connection. A request that came
+        // in origin form (every HTTP/1.1 one from an app) keeps its URI untouched.
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            parts.uri = parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .map_or_else(|| Uri::from_static("/"), Uri::from);
+        }
         // The pool picks HTTP/1.1 or HTTP/2 per connection; a request marked HTTP/2
         // would be refused by an HTTP/1.1 connection.
         parts.version = Version::HTTP_11;
@@ -432,7 +421,10 @@ impl Ctx {
                 *r.headers_mut() = std::mem::take(&mut parts.headers);
                 r
             };
-            let captured = capture_connection(&mut outbound);
+            // Only a shared HTTP/2 connection is reached through this (to retire it past
+            // `max_lifetime`); the pool's HTTP/1.1 connections check their age
+            // themselves. It costs a channel and an extension map per request.
+            let captured = pool.is_h2().then(|| capture_connection(&mut outbound));
             let left = deadline.saturating_duration_since(Instant::now());
             let this_try = pool.retry.per_try_timeout.map_or(left, |p| p.min(left));
             let sent = Instant::now();
@@ -455,7 +447,7 @@ impl Ctx {
                 Ok(Ok(resp)) if !last_try && retry::retry_status(resp.status()) => {
                     tracing::debug!(listener = %self.st.config.name, upstream = %name, status = %resp.status(), "upstream answered with a retryable status");
                     if !self.may_retry(pool, "status") {
-                        return self.respond(pool, resp, &captured, sent, received, trace);
+                        return self.respond(pool, resp, captured.as_ref(), sent, received, trace);
                     }
                     // Dropping it unread gives up that connection; the next try may
                     // use another.
@@ -469,7 +461,7 @@ impl Ctx {
                     .await;
                     continue;
                 }
-                Ok(Ok(resp)) => return self.respond(pool, resp, &captured, sent, received, trace),
+                Ok(Ok(resp)) => return self.respond(pool, resp, captured.as_ref(), sent, received, trace),
             };
             if !self.may_retry(pool, reason) {
                 let status = if reason == "timeout" {
@@ -639,18 +631,23 @@ impl Ctx {
         &self,
         pool: &pool::Pool,
         resp: Response<UpBody>,
-        captured: &hyper_util::client::legacy::connect::CaptureConnection,
+        captured: Option<&hyper_util::client::legacy::connect::CaptureConnection>,
         sent: Instant,
         received: Version,
         trace: &mut Trace,
     ) -> Response<Body> {
         trace.from_upstream = true;
-        if let Some(info) = resp.extensions().get::<ConnInfo>() {
+        let info = resp
+            .body()
+            .conn_info()
+            .or_else(|| resp.extensions().get::<ConnInfo>());
+        if let Some(info) = info {
             trace.endpoint = Some(info.endpoint.clone());
             info.endpoint
                 .http_duration(&self.shared.metrics)
                 .observe(sent.elapsed());
             if info.opened.elapsed() >= pool.max_lifetime
+                && let Some(captured) = captured
                 && let Some(c) = captured.connection_metadata().as_ref()
             {
                 c.poison();
@@ -671,6 +668,7 @@ impl Ctx {
             SendError::Connect(p) => p,
             SendError::Http(h) => h,
             SendError::Shared(l) => l,
+            SendError::Target(t) => t,
         };
         let mut reason = top.to_string();
         let mut source = match e {

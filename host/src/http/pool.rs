@@ -138,7 +138,7 @@ impl Pool {
         }
     }
 
-    /// Sends `req` on a pooled connection and returns the response head; its body
+    /// Sends `req` (its target in origin form) on a pooled connection and returns the response head; its body
     /// streams from the upstream as the app reads it.
     ///
     /// An HTTP/1.1 exchange runs inside the caller's task: the pooled connection is
@@ -150,6 +150,7 @@ impl Pool {
     pub async fn send(self: &Arc<Self>, mut req: Request<OutBody>) -> Result<Response<UpBody>, SendError> {
         loop {
             if self.h2.load(Ordering::Relaxed) {
+                self.absolute(&mut req)?;
                 return match self.client.request(req).await {
                     Ok(r) => Ok(r.map(UpBody::Shared)),
                     Err(e) => Err(SendError::Shared(e)),
@@ -172,19 +173,13 @@ impl Pool {
                     )
                 }
             };
-            // HTTP/1.1 wants the origin form and the authority in `Host`, which
-            // hyper's connection-level client leaves to its caller.
-            let absolute = req.uri().clone();
+            // HTTP/1.1 wants the authority in `Host`, which hyper's connection-level
+            // client leaves to its caller; the target is in origin form already.
             if let Some(host) = &self.host {
                 req.headers_mut().insert(http::header::HOST, host.clone());
             }
-            *req.uri_mut() = absolute
-                .path_and_query()
-                .cloned()
-                .map_or_else(|| http::Uri::from_static("/"), http::Uri::from);
             match conn.send(req).await {
-                Ok(mut resp) => {
-                    resp.extensions_mut().insert(conn.info.clone());
+                Ok(resp) => {
                     let pool = self.clone();
                     return Ok(resp.map(move |body| {
                         UpBody::Pooled(Pooled {
@@ -198,14 +193,30 @@ impl Pool {
                 Err(mut e) => match e.take_message() {
                     // Never written: a pooled connection that the upstream closed
                     // just before. Another connection takes it, whatever the method.
-                    Some(mut r) if reused => {
-                        *r.uri_mut() = absolute;
-                        req = r;
-                    }
+                    Some(r) if reused => req = r,
                     _ => return Err(SendError::Http(e.into_error())),
                 },
             }
         }
+    }
+
+    /// Whether requests go to the shared HTTP/2 client (the upstream is configured
+    /// for HTTP/2 or chose it by ALPN).
+    pub fn is_h2(&self) -> bool {
+        self.h2.load(Ordering::Relaxed)
+    }
+
+    /// `req`'s target in the absolute form HTTP/2 sends (`:scheme`, `:authority`).
+    fn absolute(&self, req: &mut Request<OutBody>) -> Result<(), SendError> {
+        if req.uri().authority().is_some() {
+            return Ok(());
+        }
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = self.authority.as_ref().ok().cloned();
+        parts.path_and_query = req.uri().path_and_query().cloned();
+        *req.uri_mut() = http::Uri::from_parts(parts).map_err(SendError::Target)?;
+        Ok(())
     }
 
     /// An idle HTTP/1.1 connection that can take a request, if there is one.
@@ -279,6 +290,9 @@ pub enum SendError {
     /// The shared (HTTP/2) client failed the request.
     #[error(transparent)]
     Shared(hyper_util::client::legacy::Error),
+    /// The request target and the upstream's authority make no HTTP/2 target.
+    #[error("unusable request target: {0}")]
+    Target(http::uri::InvalidUriParts),
 }
 
 impl SendError {
@@ -287,7 +301,7 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         match self {
             SendError::Connect(_) => true,
-            SendError::Http(_) => false,
+            SendError::Http(_) | SendError::Target(_) => false,
             SendError::Shared(e) => e.is_connect(),
         }
     }
@@ -368,6 +382,17 @@ pub enum UpBody {
     Pooled(Pooled),
     /// From the shared (HTTP/2) client, or an upgrade's own connection.
     Shared(Incoming),
+}
+
+impl UpBody {
+    /// The pooled connection that carries this body (for a shared HTTP/2 connection,
+    /// the response's extensions say it).
+    pub fn conn_info(&self) -> Option<&ConnInfo> {
+        match self {
+            UpBody::Pooled(p) => p.conn.as_ref().map(|c| &c.info),
+            UpBody::Shared(_) => None,
+        }
+    }
 }
 
 impl std::fmt::Debug for UpBody {
@@ -464,8 +489,9 @@ pub struct Connector {
     parked: Arc<Mutex<Option<Conn>>>,
 }
 
-/// What a response learns about the connection that carried it (set by the pool as a
-/// response extension).
+/// What a response learns about the connection that carried it: from the body of a
+/// pooled HTTP/1.1 response ([`UpBody::conn_info`]), else a response extension set by
+/// hyper-util from [`Connection::connected`].
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The endpoint reached.
