@@ -331,13 +331,19 @@ impl Ctx {
         }
         let received = req.version();
         let (mut parts, body) = req.into_parts();
-        // Hop-by-hop fields went in `proxy`. `Via` is added here and `Host` by the
-        // pool: room for both at once, where hyper sized the map to the fields read.
-        parts.headers.reserve(2);
+        // The pool's authority becomes `Host` (HTTP/1.1; the app's field is
+        // overwritten in place, so the map does not grow for it) or `:authority`
+        // (HTTP/2, where a `Host` from the app would contradict it).
+        match pool.host() {
+            Some(host) if !pool.is_h2() => {
+                parts.headers.insert(HOST, host.clone());
+            }
+            _ => {
+                parts.headers.remove(HOST);
+            }
+        }
+        // Hop-by-hop fields went in `proxy`.
         headers::add_via(&mut parts.headers, received);
-        // The pool's authority becomes `Host` (HTTP/1.1) or `:authority` (HTTP/2); a
-        // `Host` from the app would contradict it.
-        parts.headers.remove(HOST);
         // The target goes up in origin form, which HTTP/1.1 sends as it is; the pool
         // makes the absolute form only for an HTTP/2 connection. A request that came
         // in origin form (every HTTP/1.1 one from an app) keeps its URI untouched.

@@ -138,7 +138,9 @@ impl Pool {
         }
     }
 
-    /// Sends `req` (its target in origin form) on a pooled connection and returns the response head; its body
+    /// Sends `req` (its target in origin form, with `Host` set from [`Pool::host`] for
+    /// HTTP/1.1, which hyper's connection-level client leaves to its caller) on a
+    /// pooled connection and returns the response head; its body
     /// streams from the upstream as the app reads it.
     ///
     /// An HTTP/1.1 exchange runs inside the caller's task: the pooled connection is
@@ -173,11 +175,6 @@ impl Pool {
                     )
                 }
             };
-            // HTTP/1.1 wants the authority in `Host`, which hyper's connection-level
-            // client leaves to its caller; the target is in origin form already.
-            if let Some(host) = &self.host {
-                req.headers_mut().insert(http::header::HOST, host.clone());
-            }
             match conn.send(req).await {
                 Ok(resp) => {
                     let pool = self.clone();
@@ -198,6 +195,11 @@ impl Pool {
                 },
             }
         }
+    }
+
+    /// `authority` as a `Host` value.
+    pub fn host(&self) -> Option<&http::HeaderValue> {
+        self.host.as_ref()
     }
 
     /// Whether requests go to the shared HTTP/2 client (the upstream is configured
