@@ -186,6 +186,49 @@ impl EncodeMetric for ShardedCounter {
     }
 }
 
+/// A gauge moved up and down per request (idle pooled connections), sharded like
+/// [`ShardedCounter`]: each shard counts with wrapping arithmetic, so a connection put
+/// idle on one thread and taken on another still sums right.
+#[derive(Debug, Clone)]
+pub struct ShardedGauge(Arc<Cells>);
+
+impl Default for ShardedGauge {
+    fn default() -> Self {
+        ShardedGauge(Arc::new(Cells::new(1)))
+    }
+}
+
+impl ShardedGauge {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.mine(0).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes one away.
+    pub fn dec(&self) {
+        self.0.mine(0).fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The value now.
+    pub fn get(&self) -> i64 {
+        self.0.total(0) as i64
+    }
+}
+
+impl TypedMetric for ShardedGauge {
+    const TYPE: MetricType = MetricType::Gauge;
+}
+
+impl EncodeMetric for ShardedGauge {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_gauge(&self.get())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 /// A histogram of any values with the given bounds (the plugins' own histograms),
 /// sharded like [`DurationHistogram`]. The sum is an `f64` per shard, added with a
 /// compare-and-swap that only the shard's own threads contend for.
@@ -433,6 +476,8 @@ pub struct Metrics {
     pub http_connections_opened: Family<HttpConnectionLabels, Counter>,
     /// Upstream connections of HTTP pools open now, idle or busy (the pool's size).
     pub http_connections_open: Family<HttpConnectionLabels, Gauge>,
+    /// HTTP/1.1 upstream connections waiting in their pool for a request.
+    pub http_connections_idle: Family<HttpConnectionLabels, ShardedGauge>,
     /// Retries of idempotent HTTP requests, and retries the budget refused.
     pub http_retries: Family<HttpRetryLabels, Counter>,
     /// Counters and histograms that plugins declare.
@@ -489,6 +534,7 @@ impl Metrics {
             http_upstream_duration: Family::new_with_constructor(http_histogram),
             http_connections_opened: Family::default(),
             http_connections_open: Family::default(),
+            http_connections_idle: Family::default(),
             http_retries: Family::default(),
             plugin_metrics: Default::default(),
             registry: Registry::default(),
@@ -586,6 +632,11 @@ impl Metrics {
             "http_upstream_connections_open",
             "Upstream connections of HTTP connection pools open now, idle or busy",
             m.http_connections_open.clone(),
+        );
+        r.register(
+            "http_upstream_connections_idle",
+            "HTTP/1.1 upstream connections waiting in their pool for a request (HTTP/2 connections are shared by requests and not counted)",
+            m.http_connections_idle.clone(),
         );
         r.register(
             "http_retries",

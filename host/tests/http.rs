@@ -11,7 +11,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::stream;
@@ -912,6 +912,17 @@ async fn a_thousand_new_app_connections_reuse_a_handful_of_upstream_connections(
             open >= 1.0 && open <= counted,
             "{name}: {open} pooled connections open of {counted} opened"
         );
+        // Every response was read to its end, so each HTTP/1.1 connection is back in
+        // its pool, waiting; HTTP/2 connections are shared, not counted as idle.
+        let idle = sum("wasmbassador_http_upstream_connections_idle{");
+        if name == "h1" {
+            assert!(
+                idle >= 1.0 && idle <= open,
+                "{name}: {idle} idle of {open} open pooled connections"
+            );
+        } else {
+            assert_eq!(idle, 0.0, "{name}: HTTP/2 connections counted idle");
+        }
         // Reuse: requests per connection, from the per-endpoint latency histogram.
         let requests = sum("wasmbassador_http_upstream_request_duration_seconds_count{");
         assert!(
@@ -1203,7 +1214,7 @@ async fn the_admin_endpoint_closes_a_connection_whose_head_never_ends_and_keeps_
     // Others are served while it trickles.
     let (status, _) = http_get(admin, "/listeners").await;
     assert_eq!(status, 200);
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let got = until_closed(
         &mut slow,
         "the admin server closed the connection of a head that never ends",
@@ -1515,6 +1526,59 @@ async fn a_pooled_connection_past_max_lifetime_takes_no_further_requests() {
         2,
         "the old connection was retired, its successor reused"
     );
+    amb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pooled_connections_are_closed_after_pool_idle_timeout_and_leave_the_gauges() {
+    let pki = Pki::new();
+    let one = Upstream::start(&pki, "one", &[b"http/1.1"]).await;
+    let amb = start(&[
+        listener_block("api", "api", ""),
+        upstream_block(
+            &pki,
+            "api",
+            &[(one.addr, 0)],
+            "http = { pool_idle_timeout = \"400ms\" }",
+        ),
+    ])
+    .await;
+    let addr = listener(&amb, "api");
+    for _ in 0..3 {
+        let mut app = h1(addr).await;
+        let resp = app.send_request(get("/hello")).await.expect("request");
+        assert_eq!(resp.status(), StatusCode::OK);
+        body_text(resp.into_body()).await;
+    }
+    let series = |metric: &str| {
+        metric_value(
+            &amb.shared().metrics.encode(),
+            &format!(
+                "{metric}{{upstream=\"api\",endpoint=\"{}\",protocol=\"http1\"}}",
+                one.addr
+            ),
+        )
+    };
+    assert_eq!(one.accepted(), 1, "three requests in a row share a connection");
+    assert_eq!(series("wasmbassador_http_upstream_connections_open"), 1.0);
+    assert_eq!(series("wasmbassador_http_upstream_connections_idle"), 1.0);
+    // The reaper looks every half pool_idle_timeout; give it a few rounds.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while series("wasmbassador_http_upstream_connections_open") > 0.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        series("wasmbassador_http_upstream_connections_open"),
+        0.0,
+        "the idle connection was closed"
+    );
+    assert_eq!(series("wasmbassador_http_upstream_connections_idle"), 0.0);
+    // The next request opens a new one.
+    let mut app = h1(addr).await;
+    let resp = app.send_request(get("/hello")).await.expect("request");
+    assert_eq!(resp.status(), StatusCode::OK);
+    body_text(resp.into_body()).await;
+    assert_eq!(one.accepted(), 2);
     amb.shutdown().await;
 }
 

@@ -47,7 +47,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::HttpVersion;
 use crate::connect::{Handshake, UpstreamIo};
-use crate::metrics::HttpConnectionLabels;
+use crate::metrics::{HttpConnectionLabels, ShardedGauge};
 use crate::upstream::{ConnectError, Endpoint, Upstream};
 
 /// A request body as sent upstream: the app's, streamed, or for a request that may be
@@ -224,8 +224,10 @@ impl Pool {
     /// An idle HTTP/1.1 connection that can take a request, if there is one.
     fn checkout(&self) -> Option<Box<H1Conn>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(Idle { mut conn, since }) = idle.pop() {
-            if since.elapsed() < self.idle_timeout
+        while let Some(entry) = idle.pop() {
+            let fresh = entry.since.elapsed() < self.idle_timeout;
+            if let Some(mut conn) = entry.take()
+                && fresh
                 && conn.info.opened.elapsed() < self.max_lifetime
                 && conn.settle()
             {
@@ -246,10 +248,7 @@ impl Pool {
         if idle.len() >= self.max_idle {
             return;
         }
-        idle.push(Idle {
-            conn,
-            since: Instant::now(),
-        });
+        idle.push(Idle::new(conn));
         drop(idle);
         if !self.reaping.swap(true, Ordering::Relaxed) {
             match tokio::runtime::Handle::try_current() {
@@ -309,11 +308,41 @@ impl SendError {
     }
 }
 
-/// An idle pooled connection.
+/// An idle pooled connection, counted in `http_upstream_connections_idle` from the
+/// moment it is put in the list until it is taken out or dropped (reaped, closed, or
+/// the pool gone).
 #[derive(Debug)]
 struct Idle {
-    conn: Box<H1Conn>,
+    /// Always `Some` but inside [`Idle::take`].
+    conn: Option<Box<H1Conn>>,
     since: Instant,
+}
+
+impl Idle {
+    fn new(conn: Box<H1Conn>) -> Idle {
+        conn.idle.inc();
+        Idle {
+            conn: Some(conn),
+            since: Instant::now(),
+        }
+    }
+
+    /// The connection, no longer counted as idle.
+    fn take(mut self) -> Option<Box<H1Conn>> {
+        let conn = self.conn.take();
+        if let Some(c) = &conn {
+            c.idle.dec();
+        }
+        conn
+    }
+}
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        if let Some(c) = &self.conn {
+            c.idle.dec();
+        }
+    }
 }
 
 /// One pooled HTTP/1.1 connection: hyper's client state machine, polled by whichever
@@ -324,6 +353,8 @@ struct H1Conn {
     /// The connection future has completed (the connection is closed).
     done: bool,
     info: ConnInfo,
+    /// Its series of `http_upstream_connections_idle`.
+    idle: ShardedGauge,
 }
 
 impl std::fmt::Debug for H1Conn {
@@ -338,12 +369,14 @@ impl std::fmt::Debug for H1Conn {
 impl H1Conn {
     async fn handshake(c: Conn) -> Result<H1Conn, hyper::Error> {
         let info = c.info.clone();
+        let idle = c.idle.clone().unwrap_or_default();
         let (send, conn) = hyper::client::conn::http1::handshake(c).await?;
         Ok(H1Conn {
             send,
             conn,
             done: false,
             info,
+            idle,
         })
     }
 
@@ -508,6 +541,8 @@ pub struct Conn {
     io: TokioIo<UpstreamIo>,
     /// `http_upstream_connections_open`, decremented when the pool drops the connection.
     open: Gauge,
+    /// `http_upstream_connections_idle`, for an HTTP/1.1 connection.
+    idle: Option<ShardedGauge>,
     h2: bool,
     info: ConnInfo,
 }
@@ -551,10 +586,12 @@ impl Connector {
         up.metrics().http_connections_opened.get_or_create(&labels).inc();
         let open = up.metrics().http_connections_open.get_or_create(&labels).clone();
         open.inc();
+        let idle = (!h2).then(|| up.metrics().http_connections_idle.get_or_create(&labels).clone());
         tracing::debug!(upstream = %up.config.name, endpoint = %c.endpoint.config.address, h2, "pooled upstream connection opened");
         Ok(Conn {
             io: TokioIo::new(c.io),
             open,
+            idle,
             h2,
             info: ConnInfo {
                 endpoint: c.endpoint,
