@@ -4,7 +4,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use prometheus_client::metrics::counter::Counter;
+use crate::metrics::ShardedCounter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -47,9 +47,9 @@ pub struct Totals {
 #[derive(Debug, Clone)]
 pub struct ByteCounters {
     /// Client to upstream.
-    pub to_upstream: Counter,
+    pub to_upstream: ShardedCounter,
     /// Upstream to client.
-    pub to_client: Counter,
+    pub to_client: ShardedCounter,
 }
 
 /// Copies bytes both ways until both sides have closed. A side that closes its
@@ -171,7 +171,7 @@ impl<T> Socket for tokio::io::WriteHalf<T> {
 /// half-close on.
 struct Pump<'a> {
     shared: &'a Shared,
-    counter: &'a Counter,
+    counter: &'a ShardedCounter,
     total: &'a AtomicU64,
     /// The session's cancel registration lives as long as this direction.
     watcher: Option<KeyWatcher>,
@@ -180,7 +180,7 @@ struct Pump<'a> {
 impl<'a> Pump<'a> {
     fn new(
         shared: &'a Shared,
-        counter: &'a Counter,
+        counter: &'a ShardedCounter,
         total: &'a AtomicU64,
         watcher: Option<KeyWatcher>,
     ) -> Self {

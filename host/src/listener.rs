@@ -36,7 +36,7 @@ pub struct ListenerState {
     /// The current versions of `config.plugins`, for each new connection or request.
     pub chain: ChainCache,
     /// `http_requests` counters by status class (see `http::serve`), looked up once.
-    pub(crate) http_requests: [std::sync::OnceLock<prometheus_client::metrics::counter::Counter>; 5],
+    pub(crate) http_requests: [std::sync::OnceLock<crate::metrics::ShardedCounter>; 5],
     /// The series every connection records into, looked up once: per connection,
     /// four labelled lookups (hashed, under the families' locks, two with a `String`
     /// clone) cost more than the counting itself.

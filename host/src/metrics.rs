@@ -149,8 +149,8 @@ impl DurationHistogram {
     }
 }
 
-/// A counter for series written per connection or request (the plugins' own
-/// counters), sharded like [`DurationHistogram`].
+/// A counter for series written per connection or request (bytes, HTTP requests,
+/// the plugins' own counters), sharded like [`DurationHistogram`].
 #[derive(Debug, Clone)]
 pub struct ShardedCounter(Arc<Cells>);
 
@@ -161,6 +161,11 @@ impl Default for ShardedCounter {
 }
 
 impl ShardedCounter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.inc_by(1);
+    }
+
     /// Adds `n`.
     pub fn inc_by(&self, n: u64) {
         self.0.mine(0).fetch_add(n, Ordering::Relaxed);
@@ -441,7 +446,7 @@ pub struct Metrics {
     /// Client connections closed without being served, by reason.
     pub connections_rejected: Family<RejectLabels, Counter>,
     /// Bytes forwarded per listener and direction.
-    pub bytes: Family<BytesLabels, Counter>,
+    pub bytes: Family<BytesLabels, ShardedCounter>,
     /// Connect attempts per endpoint.
     pub connect_attempts: Family<EndpointLabels, Counter>,
     /// Failed connect attempts (TCP, TLS or protocol) per endpoint.
@@ -469,7 +474,7 @@ pub struct Metrics {
     /// Connections refused by a plugin's deny (or its failure under `on_error = "deny"`).
     pub plugin_denials: Family<ListenerLabels, Counter>,
     /// HTTP requests answered per listener and status class (local 502/504 included).
-    pub http_requests: Family<HttpRequestLabels, Counter>,
+    pub http_requests: Family<HttpRequestLabels, ShardedCounter>,
     /// Time from sending a request upstream to its response head, per endpoint.
     pub http_upstream_duration: Family<EndpointLabels, DurationHistogram>,
     /// Upstream connections opened by HTTP pools (reuse shows as few of these).

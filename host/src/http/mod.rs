@@ -43,10 +43,10 @@ use crate::ambassador::Shared;
 use crate::config::HttpVersion;
 use crate::connect::{DialError, Handshake};
 use crate::listener::ListenerState;
+use crate::metrics::ShardedCounter;
 use crate::metrics::{HttpRequestLabels, HttpRetryLabels};
 use crate::upstream::Upstream;
 use pool::{ConnInfo, PoolConnectError, SendError, UpBody};
-use prometheus_client::metrics::counter::Counter;
 
 /// Without `idle_timeout`, an HTTP/1.1 client gets this long to send each complete
 /// request head. hyper starts this clock when it waits for the next request, so it
@@ -735,7 +735,7 @@ fn status_class(s: StatusCode) -> usize {
 impl ListenerState {
     /// This listener's `http_requests` counter for `status`'s class, looked up once
     /// per class rather than per request (a label `String` and a hashed lookup).
-    fn http_requests(&self, metrics: &crate::metrics::Metrics, status: StatusCode) -> &Counter {
+    fn http_requests(&self, metrics: &crate::metrics::Metrics, status: StatusCode) -> &ShardedCounter {
         let class = status_class(status);
         self.http_requests[class].get_or_init(|| {
             metrics
@@ -781,8 +781,8 @@ impl Activity {
 /// as activity for `idle_timeout`.
 struct AppConn {
     sock: TcpStream,
-    from_app: Counter,
-    to_app: Counter,
+    from_app: ShardedCounter,
+    to_app: ShardedCounter,
     /// With an `idle_timeout` only.
     activity: Option<Activity>,
 }

@@ -7,6 +7,7 @@ use std::time::Instant;
 use http::{Method, StatusCode};
 
 use crate::config::HttpRetryConfig;
+use crate::metrics::ShardedCounter;
 
 /// Whether a request may be sent again: an idempotent method whose body is empty,
 /// so that nothing of it is lost and repeating it changes nothing (RFC 9110 §9.2.2).
@@ -29,12 +30,28 @@ pub fn retry_status(status: StatusCode) -> bool {
 /// token, time deposits `min_retries_per_second`, and every retry takes a whole
 /// token. So retries add at most that share of load (plus the floor) however many
 /// requests fail: when the upstream is down, requests fail fast instead of tripling.
+///
+/// First tries are only counted, per thread ([`ShardedCounter`]), and folded into the
+/// bucket when a retry asks for a token: a deposit is on every request, from every
+/// connection thread, and a shared lock there was a cache line bouncing between the
+/// threads. Folding gives the same tokens as depositing one by one, because the cap
+/// is a minimum over additions only.
 #[derive(Debug)]
 pub struct Budget {
     ratio: f64,
     per_second: f64,
     cap: f64,
-    state: Mutex<(f64, Instant)>,
+    tries: ShardedCounter,
+    state: Mutex<Bucket>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    /// When time's tokens were last added.
+    at: Instant,
+    /// First tries already turned into tokens.
+    folded: u64,
 }
 
 impl Budget {
@@ -47,15 +64,18 @@ impl Budget {
             ratio: config.budget_percent / 100.0,
             per_second: config.min_retries_per_second,
             cap,
-            state: Mutex::new((config.min_retries_per_second.min(cap), Instant::now())),
+            tries: ShardedCounter::default(),
+            state: Mutex::new(Bucket {
+                tokens: config.min_retries_per_second.min(cap),
+                at: Instant::now(),
+                folded: 0,
+            }),
         }
     }
 
     /// Records a first try.
     pub fn deposit(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            s.0 = (s.0 + self.ratio).min(self.cap);
-        }
+        self.tries.inc();
     }
 
     /// Takes a token for one retry; false when there is none.
@@ -63,12 +83,15 @@ impl Budget {
         let Ok(mut s) = self.state.lock() else {
             return false;
         };
+        let tries = self.tries.get();
+        let new_tries = tries.wrapping_sub(s.folded);
+        s.folded = tries;
         let now = Instant::now();
-        let earned = now.duration_since(s.1).as_secs_f64() * self.per_second;
-        s.0 = (s.0 + earned).min(self.cap);
-        s.1 = now;
-        if s.0 >= 1.0 {
-            s.0 -= 1.0;
+        let earned = now.duration_since(s.at).as_secs_f64() * self.per_second;
+        s.tokens = (s.tokens + new_tries as f64 * self.ratio + earned).min(self.cap);
+        s.at = now;
+        if s.tokens >= 1.0 {
+            s.tokens -= 1.0;
             true
         } else {
             false
@@ -95,6 +118,21 @@ mod tests {
             }
         }
         assert!((19..=20).contains(&allowed), "{allowed}");
+    }
+
+    #[test]
+    fn deposits_past_the_cap_are_not_kept() {
+        let b = Budget::new(&HttpRetryConfig {
+            budget_percent: 100.0,
+            min_retries_per_second: 0.0,
+            ..HttpRetryConfig::default()
+        });
+        // A thousand first tries earn a thousand tokens, but the bucket holds ten.
+        for _ in 0..1000 {
+            b.deposit();
+        }
+        let allowed = (0..1000).filter(|_| b.withdraw()).count();
+        assert_eq!(allowed, 10);
     }
 
     #[test]
