@@ -1491,6 +1491,15 @@ async fn the_retry_budget_stops_a_retry_storm() {
     amb.shutdown().await;
 }
 
+/// `GET /hello` on a new HTTP/1.1 app connection, answered 200 and read to its end
+/// (so that the upstream connection goes back to its pool).
+async fn hello_on_a_new_connection(addr: SocketAddr) {
+    let mut app = h1(addr).await;
+    let resp = app.send_request(get("/hello")).await.expect("request");
+    assert_eq!(resp.status(), StatusCode::OK);
+    body_text(resp.into_body()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_connection_past_max_lifetime_takes_no_further_requests() {
     let pki = Pki::new();
@@ -1506,12 +1515,7 @@ async fn a_pooled_connection_past_max_lifetime_takes_no_further_requests() {
     ])
     .await;
     let addr = listener(&amb, "api");
-    let ask = || async move {
-        let mut app = h1(addr).await;
-        let resp = app.send_request(get("/hello")).await.expect("request");
-        assert_eq!(resp.status(), StatusCode::OK);
-        body_text(resp.into_body()).await;
-    };
+    let ask = || hello_on_a_new_connection(addr);
     // Two requests in a row share a connection; after a pause longer than
     // max_lifetime the next two need a new one. Without retirement one connection
     // would serve all four.
@@ -1545,10 +1549,7 @@ async fn idle_pooled_connections_are_closed_after_pool_idle_timeout_and_leave_th
     .await;
     let addr = listener(&amb, "api");
     for _ in 0..3 {
-        let mut app = h1(addr).await;
-        let resp = app.send_request(get("/hello")).await.expect("request");
-        assert_eq!(resp.status(), StatusCode::OK);
-        body_text(resp.into_body()).await;
+        hello_on_a_new_connection(addr).await;
     }
     let series = |metric: &str| {
         metric_value(
@@ -1574,10 +1575,7 @@ async fn idle_pooled_connections_are_closed_after_pool_idle_timeout_and_leave_th
     );
     assert_eq!(series("wasmbassador_http_upstream_connections_idle"), 0.0);
     // The next request opens a new one.
-    let mut app = h1(addr).await;
-    let resp = app.send_request(get("/hello")).await.expect("request");
-    assert_eq!(resp.status(), StatusCode::OK);
-    body_text(resp.into_body()).await;
+    hello_on_a_new_connection(addr).await;
     assert_eq!(one.accepted(), 2);
     amb.shutdown().await;
 }
