@@ -22,7 +22,7 @@
 //! Run: `cargo bench -p wasmbassador --bench plugin_chain` (or `bash bench/plugins.sh`).
 //! Knobs (environment): `CHAIN_CONNS` (per batch, default 20000), `LISTENER_CONNS`
 //! (per round, default 2000), `LISTENER_ROUNDS` (default 9), `CLIENTS` (concurrent
-//! client tasks, default 4), `SWAPS` (default 10), `WASMBASSADOR_BIN` (another binary
+//! client tasks, default 4), `SWAPS` (default 10), `CHAIN_ROWS` (only the rows of part (a) whose label contains it), `WASMBASSADOR_BIN` (another binary
 //! for part (b), for an A/B), `ACCESS_LOG_CAPPED` (leave access-log at the default
 //! log-line cap in part (b) instead of writing every line). A first argument `chain`,
 //! `http`, `listener` or `swap` runs only that part.
@@ -224,7 +224,7 @@ fn one_connection(
     let info = ConnectInfo {
         listener: "pg".to_string(),
         protocol: Protocol::Postgres,
-        client_addr: peer.to_string(),
+        client_addr: wasmbassador::plugin::addr_text(peer),
         upstream: "main".to_string(),
         postgres: Some(PostgresStartup {
             user: Some("app".to_string()),
@@ -377,15 +377,22 @@ fn chain_bench(dir: &Path) -> Vec<ChainRow> {
         );
         row
     };
+    // `CHAIN_ROWS=text` keeps only the rows whose label contains it (to profile one).
+    let keep = |label: &str| std::env::var("CHAIN_ROWS").map_or(true, |k| label.contains(&k));
     let mut rows: Vec<ChainRow> = chains
         .iter()
+        .filter(|(label, _)| keep(label))
         .map(|(label, names)| measure(label, names))
         .collect();
     log_to_dev_null();
-    rows.push(measure(
-        "3 plugins, access-log's lines formatted and written (the binary's log writer, to /dev/null)",
-        &["allow-list", "route-by-database", "access-log"],
-    ));
+    let logged =
+        "3 plugins, access-log's lines formatted and written (the binary's log writer, to /dev/null)";
+    if keep(logged) {
+        rows.push(measure(
+            logged,
+            &["allow-list", "route-by-database", "access-log"],
+        ));
+    }
     rows
 }
 
@@ -401,6 +408,7 @@ fn log_to_dev_null() {
         .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
         .with_ansi(false)
         .with_writer(writer)
+        .fmt_fields(wasmbassador::logs::Fields)
         .finish();
     if tracing::subscriber::set_global_default(subscriber).is_ok() {
         let _ = FLUSH.set(flush);

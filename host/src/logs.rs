@@ -14,6 +14,7 @@
 //! Lossless, as before: when [`BACKLOG`] bytes wait (the sink is slower than the
 //! loggers), a logging thread waits for the flusher instead of dropping the line.
 
+use std::fmt::{self, Write as _};
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -166,6 +167,116 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BatchWriter {
     }
 }
 
+/// The fields of a human-format line, as tracing-subscriber's `DefaultFields` writes
+/// them (`message name=value ...`, control characters in the message escaped the same
+/// way), but with the message escaped in runs instead of one character at a time.
+///
+/// Written by hand because the default's escaping writer hands the line to its buffer
+/// one `char` at a time: under an access-log plugin (a line of ~200 characters per
+/// connection) that was the largest single cost of the line, about as much as the
+/// plugin call itself (docs/benchmarks.md).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fields;
+
+impl<'w> tracing_subscriber::fmt::FormatFields<'w> for Fields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        writer: tracing_subscriber::fmt::format::Writer<'w>,
+        fields: R,
+    ) -> fmt::Result {
+        let mut visitor = FieldVisitor {
+            ansi: writer.has_ansi_escapes(),
+            writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct FieldVisitor<'w> {
+    writer: tracing_subscriber::fmt::format::Writer<'w>,
+    ansi: bool,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl FieldVisitor<'_> {
+    fn name(&mut self, name: &str) -> fmt::Result {
+        if self.ansi {
+            // Italic name, dimmed `=`: the default's colours on a terminal.
+            write!(self.writer, "\x1b[3m{name}\x1b[0m\x1b[2m=\x1b[0m")
+        } else {
+            write!(self.writer, "{name}=")
+        }
+    }
+}
+
+impl tracing::field::Visit for FieldVisitor<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.record_debug(field, &format_args!("{value}"));
+        } else {
+            self.record_debug(field, &value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+        if self.result.is_err() {
+            return;
+        }
+        let name = field.name();
+        // Fields of the `log` crate's records, already in the line's metadata.
+        if name.starts_with("log.") {
+            return;
+        }
+        if !std::mem::take(&mut self.first)
+            && let Err(e) = self.writer.write_char(' ')
+        {
+            self.result = Err(e);
+            return;
+        }
+        self.result = match name {
+            "message" => write!(Escaping(&mut self.writer), "{value:?}"),
+            name => self
+                .name(name.strip_prefix("r#").unwrap_or(name))
+                .and_then(|()| write!(self.writer, "{value:?}")),
+        };
+    }
+}
+
+/// Writes what it is given with the characters terminals act on (ESC, BEL, BS, FF,
+/// DEL and the C1 controls) escaped as tracing-subscriber escapes them, and the runs
+/// between them in one write each.
+struct Escaping<'a, 'w>(&'a mut tracing_subscriber::fmt::format::Writer<'w>);
+
+impl fmt::Write for Escaping<'_, '_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut rest = s;
+        // Every character to escape is one of five ASCII bytes or, for U+0080..U+009F,
+        // starts with the byte 0xC2: a byte scan finds the candidates.
+        while let Some(at) = rest
+            .bytes()
+            .position(|b| matches!(b, 0x1b | 0x07 | 0x08 | 0x0c | 0x7f | 0xc2))
+        {
+            self.0.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().unwrap_or_default();
+            match c {
+                '\x1b' => self.0.write_str("\\x1b")?,
+                '\x07' => self.0.write_str("\\x07")?,
+                '\x08' => self.0.write_str("\\x08")?,
+                '\x0c' => self.0.write_str("\\x0c")?,
+                '\x7f' => self.0.write_str("\\x7f")?,
+                '\u{80}'..='\u{9f}' => write!(self.0, "\\u{{{:x}}}", c as u32)?,
+                c => self.0.write_char(c)?,
+            }
+            rest = &rest[at + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,5 +371,64 @@ mod tests {
         line(&w, "last words\n");
         drop(guard);
         assert_eq!(&*sink.seen.lock().expect("lock"), b"last words\n");
+    }
+
+    /// A shared buffer the subscribers of the format tests write into.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The same events, the lines of one subscriber.
+    fn lines_of(ansi: bool, ours: bool) -> String {
+        let out = Captured::default();
+        let sink = out.clone();
+        let builder = tracing_subscriber::fmt()
+            .without_time()
+            .with_ansi(ansi)
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || sink.clone());
+        let emit = || {
+            let message = "connection closed listener=pg user=\"a b\" bytes=12";
+            tracing::info!(target: "plugin", plugin = "access-log", "{message}");
+            tracing::warn!(
+                target: "plugin",
+                plugin = "x",
+                "tricks: \x1b[31mred\x1b[0m bell\x07 back\x08 feed\x0c del\x7f c1\u{85}\u{9f} nbsp\u{a0} é ü"
+            );
+            tracing::info!(count = 3, error = %"boom", r#type = "kind", "plain");
+            tracing::debug!(list = ?vec![1, 2], text = "a\x1bb");
+            tracing::info!(message = "a message field", extra = true);
+        };
+        if ours {
+            tracing::subscriber::with_default(builder.fmt_fields(Fields).finish(), emit);
+        } else {
+            tracing::subscriber::with_default(builder.finish(), emit);
+        }
+        String::from_utf8(out.0.lock().expect("lock").clone()).expect("utf8")
+    }
+
+    #[test]
+    fn lines_read_as_tracing_subscribers_default_fields_write_them() {
+        for ansi in [false, true] {
+            let default = lines_of(ansi, false);
+            let ours = lines_of(ansi, true);
+            assert_eq!(default.lines().count(), 5, "{default}");
+            assert_eq!(ours, default, "ansi {ansi}");
+        }
+        let plain = lines_of(false, true);
+        assert!(
+            plain.contains("tricks: \\x1b[31mred\\x1b[0m bell\\x07 back\\x08 feed\\x0c del\\x7f c1\\u{85}\\u{9f} nbsp\u{a0} é ü"),
+            "control characters escaped, the rest as it was: {plain}"
+        );
     }
 }

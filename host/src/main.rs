@@ -162,7 +162,8 @@ fn init_logs(format: LogFormat) -> anyhow::Result<wasmbassador::logs::FlushGuard
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(writer);
     match format {
-        LogFormat::Human => builder.init(),
+        // Same lines as the default field formatter, escaped in runs (`logs::Fields`).
+        LogFormat::Human => builder.fmt_fields(wasmbassador::logs::Fields).init(),
         LogFormat::Json => builder.json().init(),
     }
     Ok(guard)
