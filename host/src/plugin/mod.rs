@@ -199,7 +199,9 @@ impl Loaded {
     }
 
     fn deadline_ticks(&self) -> u64 {
-        let ticks = self.config.timeout.as_micros().div_ceil(engine::TICK.as_micros()) as u64;
+        // In u64: a u128 division is a library call, and this runs on every hook call.
+        let micros = u64::try_from(self.config.timeout.as_micros()).unwrap_or(u64::MAX);
+        let ticks = micros.div_ceil(engine::TICK.as_micros().max(1) as u64);
         // The current tick is already partly over: one more keeps the deadline at or
         // past the configured time.
         ticks.max(1) + 1

@@ -98,7 +98,9 @@ fn line(c: &Closed) -> String {
     out.push_str(" bytes_to_client=");
     out.push_str(digits.format(c.bytes_to_client()));
     // Milliseconds with three decimals, rounded to the nearest microsecond.
-    let micros = c.duration().as_nanos().saturating_add(500) / 1000;
+    // In u64: wasm has no 128-bit division, and the library routine showed in profiles.
+    let nanos = u64::try_from(c.duration().as_nanos()).unwrap_or(u64::MAX);
+    let micros = nanos.saturating_add(500) / 1000;
     out.push_str(" duration_ms=");
     out.push_str(digits.format(micros / 1000));
     out.push('.');
