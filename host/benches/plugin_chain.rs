@@ -22,10 +22,11 @@
 //! Run: `cargo bench -p wasmbassador --bench plugin_chain` (or `bash bench/plugins.sh`).
 //! Knobs (environment): `CHAIN_CONNS` (per batch, default 20000), `LISTENER_CONNS`
 //! (per round, default 2000), `LISTENER_ROUNDS` (default 9), `CLIENTS` (concurrent
-//! client tasks, default 4), `SWAPS` (default 10), `CHAIN_ROWS` (only the rows of part (a) whose label contains it), `WASMBASSADOR_BIN` (another binary
-//! for part (b), for an A/B), `ACCESS_LOG_CAPPED` (leave access-log at the default
-//! log-line cap in part (b) instead of writing every line). A first argument `chain`,
-//! `http`, `listener` or `swap` runs only that part.
+//! client tasks, default 4), `SWAPS` (default 10), `CHAIN_ROWS` (only the rows of
+//! part (a) whose label contains it, to profile one), `WASMBASSADOR_BIN` (another
+//! binary for part (b), for an A/B), `ACCESS_LOG_CAPPED` (leave access-log at the
+//! default log-line cap in part (b) instead of writing every line). A first argument
+//! `chain`, `http`, `listener` or `swap` runs only that part.
 
 use std::collections::HashMap;
 use std::hint::black_box;

@@ -171,10 +171,10 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BatchWriter {
 /// them (`message name=value ...`, control characters in the message escaped the same
 /// way), but with the message escaped in runs instead of one character at a time.
 ///
-/// Written by hand because the default's escaping writer hands the line to its buffer
-/// one `char` at a time: under an access-log plugin (a line of ~200 characters per
-/// connection) that was the largest single cost of the line, about as much as the
-/// plugin call itself (docs/benchmarks.md).
+/// Written by hand because the default's escaping writer hands the message to the line
+/// buffer one `char` at a time: with an access-log plugin (a line of ~200 characters per
+/// connection) that took a tenth of all samples in a profile of the plugin chain, the
+/// largest single cost of the line (docs/benchmarks.md).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Fields;
 
