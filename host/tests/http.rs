@@ -448,6 +448,16 @@ async fn start(blocks: &[String]) -> Ambassador {
     Ambassador::start(config).await.expect("ambassador starts")
 }
 
+/// An ambassador with the listener `api` in front of the upstream `api`, whose one
+/// endpoint is `endpoint` (with the upstream's extra `settings`, TOML).
+async fn start_api(pki: &Pki, endpoint: SocketAddr, settings: &str) -> Ambassador {
+    start(&[
+        listener_block("api", "api", ""),
+        upstream_block(pki, "api", &[(endpoint, 0)], settings),
+    ])
+    .await
+}
+
 fn listener(amb: &Ambassador, name: &str) -> SocketAddr {
     amb.listener_addr(name).expect("listener bound")
 }
@@ -1066,11 +1076,7 @@ async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
 async fn bad_input_on_one_app_connection_leaves_the_others_alone() {
     let pki = Pki::new();
     let one = Upstream::start(&pki, "one", &[b"http/1.1"]).await;
-    let amb = start(&[
-        listener_block("api", "api", ""),
-        upstream_block(&pki, "api", &[(one.addr, 0)], ""),
-    ])
-    .await;
+    let amb = start_api(&pki, one.addr, "").await;
     let addr = listener(&amb, "api");
 
     // A keep-alive app connection, used before and after the bad ones.
@@ -1430,18 +1436,9 @@ async fn an_http_health_check_reads_only_the_start_of_an_endless_body() {
     let endless = Upstream::start(&pki, "endless", &[b"http/1.1"]).await;
     // A terabyte, generated as it is read: no probe could read it in time.
     let path = "/download?bytes=1000000000000";
-    let amb = start(&[
-        listener_block("api", "api", ""),
-        upstream_block(
-            &pki,
-            "api",
-            &[(endless.addr, 0)],
-            &format!(
+    let amb = start_api(&pki, endless.addr, &format!(
                 r#"health = {{ check = "http", path = "{path}", expect = 200, interval = "100ms", timeout = "2s", unhealthy_after = 1, healthy_after = 1 }}"#
-            ),
-        ),
-    ])
-    .await;
+            )).await;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while endless.hits(path) < 4 {
         assert!(tokio::time::Instant::now() < deadline, "probes did not complete");
@@ -1458,15 +1455,11 @@ async fn an_http_health_check_reads_only_the_start_of_an_endless_body() {
 async fn the_retry_budget_stops_a_retry_storm() {
     let pki = Pki::new();
     let one = Upstream::start(&pki, "one", &[b"h2"]).await;
-    let amb = start(&[
-        listener_block("api", "api", ""),
-        upstream_block(
-            &pki,
-            "api",
-            &[(one.addr, 0)],
-            "http = { retry = { attempts = 3, budget_percent = 10, min_retries_per_second = 0 } }",
-        ),
-    ])
+    let amb = start_api(
+        &pki,
+        one.addr,
+        "http = { retry = { attempts = 3, budget_percent = 10, min_retries_per_second = 0 } }",
+    )
     .await;
     let addr = listener(&amb, "api");
     let mut app = h2c(addr).await;
@@ -1504,16 +1497,7 @@ async fn hello_on_a_new_connection(addr: SocketAddr) {
 async fn a_pooled_connection_past_max_lifetime_takes_no_further_requests() {
     let pki = Pki::new();
     let one = Upstream::start(&pki, "one", &[b"http/1.1"]).await;
-    let amb = start(&[
-        listener_block("api", "api", ""),
-        upstream_block(
-            &pki,
-            "api",
-            &[(one.addr, 0)],
-            "http = { max_lifetime = \"300ms\" }",
-        ),
-    ])
-    .await;
+    let amb = start_api(&pki, one.addr, "http = { max_lifetime = \"300ms\" }").await;
     let addr = listener(&amb, "api");
     let ask = || hello_on_a_new_connection(addr);
     // Two requests in a row share a connection; after a pause longer than
@@ -1537,16 +1521,7 @@ async fn a_pooled_connection_past_max_lifetime_takes_no_further_requests() {
 async fn idle_pooled_connections_are_closed_after_pool_idle_timeout_and_leave_the_gauges() {
     let pki = Pki::new();
     let one = Upstream::start(&pki, "one", &[b"http/1.1"]).await;
-    let amb = start(&[
-        listener_block("api", "api", ""),
-        upstream_block(
-            &pki,
-            "api",
-            &[(one.addr, 0)],
-            "http = { pool_idle_timeout = \"400ms\" }",
-        ),
-    ])
-    .await;
+    let amb = start_api(&pki, one.addr, "http = { pool_idle_timeout = \"400ms\" }").await;
     let addr = listener(&amb, "api");
     for _ in 0..3 {
         hello_on_a_new_connection(addr).await;
