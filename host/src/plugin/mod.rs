@@ -513,9 +513,13 @@ impl Slot {
         match result {
             Ok(loaded) => {
                 let loaded = Arc::new(loaded);
-                self.generation.store(generation, Ordering::Relaxed);
                 self.current.store(loaded.clone());
                 chain::swapped();
+                // Published last: `/plugins` reports this generation, and a client that
+                // sees it must find every chain cache already out of date. Reported
+                // from `current`, a version showed before the caches were told, and
+                // a new connection could still get the old chain.
+                self.generation.store(generation, Ordering::Release);
                 shared
                     .metrics
                     .plugin_reloads
@@ -656,7 +660,7 @@ pub fn status(plugins: &PluginMap) -> Vec<PluginStatus> {
                 path: cur.config.path.display().to_string(),
                 sha256: cur.sha256.clone(),
                 loaded_at: humantime::format_rfc3339_millis(cur.loaded_at).to_string(),
-                generation: cur.generation,
+                generation: slot.generation.load(Ordering::Acquire),
                 calls: cur.calls(),
                 errors: s.errors.load(Ordering::Relaxed),
                 timeouts: s.timeouts.load(Ordering::Relaxed),
