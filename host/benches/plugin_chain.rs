@@ -18,6 +18,20 @@
 //! (d) **HTTP hooks in-process**: `on-request` and `on-response` per request for the
 //!     http plugins of `bench/http.sh` (bearer-token, header-router, http-metrics),
 //!     together and alone.
+//! (e) **New connections through a `postgres` listener** to a real PostgreSQL 15 (the
+//!     tests' throwaway server): each connection logs in as `app` to `orders`, runs
+//!     `SELECT 1` and closes, as `pgbench -C -S` does; 0, 1 and 3 plugins (the
+//!     plugins now see a user and a database) next to a direct connection.
+//!
+//! (f) **The runtime's floor**: wasmtime's own cost of calling a component export, on
+//!     the host's engine, with no SDK and no host code: a function that returns a
+//!     number, the same with a `post-return`, one that takes a 200-byte string (lowered
+//!     through the guest's `cabi_realloc`, as every hook's text is), and that last one
+//!     again right after 8 MiB of other memory was touched, as between two connections
+//!     in a busy process.
+//!
+//! Parts (b) and (e) also run three `allow-all` plugins, the cheapest hooks there are
+//! (answer allow, count once): what any three-plugin chain costs at the least.
 //!
 //! Run: `cargo bench -p wasmbassador --bench plugin_chain` (or `bash bench/plugins.sh`).
 //! Knobs (environment): `CHAIN_CONNS` (per batch, default 20000), `LISTENER_CONNS`
@@ -25,10 +39,16 @@
 //! client tasks, default 4), `SWAPS` (default 10), `CHAIN_ROWS` (only the rows of
 //! part (a) whose label contains it, to profile one), `WASMBASSADOR_BIN` (another
 //! binary for part (b), for an A/B), `ACCESS_LOG_CAPPED` (leave access-log at the
-//! default log-line cap in part (b) instead of writing every line). A first argument
-//! `chain`, `http`, `listener` or `swap` runs only that part.
+//! default log-line cap in part (b) instead of writing every line), `PG_CONNS` (per
+//! round of part (e), default 300), `PG_ROUNDS` (default 7). A first argument `chain`,
+//! `http`, `listener`, `swap`, `postgres` or `floor` runs only that part.
+
+// The tests' throwaway PostgreSQL server, for part (e).
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -686,9 +706,10 @@ async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)
     Ok((code, body))
 }
 
-/// Starts the release binary with four `tcp` listeners to `echo`: `p0`, `p1`, `p3`
-/// (0, 1, 3 plugins) and `swap` (one plugin whose file the swap part replaces).
-async fn start_ambassador(dir: &Path, echo: SocketAddr) -> Ambassador {
+/// Starts the release binary with `tcp` listeners to `echo`: `p0`, `p1`, `p3` (0, 1, 3
+/// plugins), `a3` (three allow-all) and `swap` (one plugin whose file the swap part
+/// replaces); with `pg`, also `postgres` listeners to it: `pg0`, `pg1`, `pg3`, `pga3`.
+async fn start_ambassador(dir: &Path, echo: SocketAddr, pg: Option<SocketAddr>) -> Ambassador {
     let tmp = tempfile::tempdir().expect("tempdir");
     let chain_dir = tmp.path().join("chain");
     let swap_dir = tmp.path().join("swap");
@@ -696,7 +717,7 @@ async fn start_ambassador(dir: &Path, echo: SocketAddr) -> Ambassador {
     for d in [&chain_dir, &swap_dir, &staging] {
         std::fs::create_dir(d).expect("mkdir");
     }
-    for p in ["allow-list", "route-by-database", "access-log"] {
+    for p in ["allow-list", "route-by-database", "access-log", "allow-all"] {
         let src = wasm(dir, p);
         std::fs::copy(&src, chain_dir.join(src.file_name().expect("name"))).expect("copy plugin");
     }
@@ -705,18 +726,37 @@ async fn start_ambassador(dir: &Path, echo: SocketAddr) -> Ambassador {
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let mut listeners = HashMap::new();
     let mut listener_toml = String::new();
-    for (name, plugins) in [
-        ("p0", "[]"),
-        ("p1", r#"["allow-list"]"#),
-        ("p3", r#"["allow-list", "route-by-database", "access-log"]"#),
-        ("swap", r#"["swap"]"#),
-    ] {
+    const P3: &str = r#"["allow-list", "route-by-database", "access-log"]"#;
+    const A3: &str = r#"["allow-all-1", "allow-all-2", "allow-all-3"]"#;
+    const PG3: &str = r#"["pg-allow-list", "pg-route-by-database", "access-log"]"#;
+    let mut wanted = vec![
+        ("p0", "tcp", "echo", "[]"),
+        ("p1", "tcp", "echo", r#"["allow-list"]"#),
+        ("p3", "tcp", "echo", P3),
+        ("a3", "tcp", "echo", A3),
+        ("swap", "tcp", "echo", r#"["swap"]"#),
+    ];
+    if pg.is_some() {
+        wanted.extend([
+            ("pg0", "postgres", "pg", "[]"),
+            ("pg1", "postgres", "pg", r#"["pg-allow-list"]"#),
+            ("pg3", "postgres", "pg", PG3),
+            ("pga3", "postgres", "pg", A3),
+        ]);
+    }
+    for (name, protocol, upstream, plugins) in wanted {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         listeners.insert(name, addr);
         listener_toml.push_str(&format!(
-            "[[listener]]\nname = \"{name}\"\nlisten = \"{addr}\"\nprotocol = \"tcp\"\nupstream = \"echo\"\nplugins = {plugins}\n\n"
+            "[[listener]]\nname = \"{name}\"\nlisten = \"{addr}\"\nprotocol = \"{protocol}\"\nupstream = \"{upstream}\"\nplugins = {plugins}\n\n"
         ));
     }
+    if let Some(pg) = pg {
+        listener_toml.push_str(&format!(
+            "[[upstream]]\nname = \"pg\"\n  [[upstream.endpoint]]\n  address = \"{pg}\"\n\n"
+        ));
+    }
+    let all = toml_path(&chain_dir.join("allow_all.wasm"));
     let config = format!(
         r#"
 [admin]
@@ -742,11 +782,36 @@ name = "route-by-database"
 path = {route}
 config = {{ routes = {{ orders = "orders" }}, default = "echo" }}
 
+# The same two on a postgres listener, where they check the user and the database
+# (the connections of part (e) log in as app to orders).
+[[plugin]]
+name = "pg-allow-list"
+path = {allow}
+timeout = "5ms"
+config = {{ users = ["app"], databases = ["orders"], clients = ["127.0.0.0/8", "::1/128"] }}
+
+[[plugin]]
+name = "pg-route-by-database"
+path = {route}
+config = {{ routes = {{ orders = "pg", reporting = "tag:replica" }} }}
+
 [[plugin]]
 name = "access-log"
 path = {log}
 on_error = "allow"
 {log_limit}
+
+[[plugin]]
+name = "allow-all-1"
+path = {all}
+
+[[plugin]]
+name = "allow-all-2"
+path = {all}
+
+[[plugin]]
+name = "allow-all-3"
+path = {all}
 
 [[plugin]]
 name = "swap"
@@ -812,8 +877,12 @@ struct Round {
 }
 
 /// `n` connections to `addr` from `clients` concurrent tasks (bounded in count and
-/// time).
-async fn round(addr: SocketAddr, n: usize, clients: usize) -> Round {
+/// time), each one `op` (`Ok(true)`: it did what a client wanted).
+async fn round<F, Fut>(addr: SocketAddr, n: usize, clients: usize, op: F) -> Round
+where
+    F: Fn(SocketAddr) -> Fut + Copy + Send + 'static,
+    Fut: Future<Output = std::io::Result<bool>> + Send,
+{
     let next = Arc::new(AtomicUsize::new(0));
     let deadline = Instant::now() + ROUND_TIME_BOUND;
     let started = Instant::now();
@@ -825,7 +894,7 @@ async fn round(addr: SocketAddr, n: usize, clients: usize) -> Round {
                 let mut failed = 0;
                 while next.fetch_add(1, Ordering::Relaxed) < n && Instant::now() < deadline {
                     let t = Instant::now();
-                    match tokio::time::timeout(Duration::from_secs(5), ping(addr)).await {
+                    match tokio::time::timeout(Duration::from_secs(5), op(addr)).await {
                         Ok(Ok(true)) => lat.push(t.elapsed()),
                         _ => failed += 1,
                     }
@@ -850,6 +919,29 @@ async fn round(addr: SocketAddr, n: usize, clients: usize) -> Round {
     out
 }
 
+/// One `pgbench -C -S`-like session: log in as `app` to `orders` (no TLS, trust),
+/// `SELECT 1`, close.
+async fn pg_session(addr: SocketAddr) -> std::io::Result<bool> {
+    let conninfo = format!(
+        "host={} port={} user=app dbname=orders application_name=bench",
+        addr.ip(),
+        addr.port()
+    );
+    let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .map_err(std::io::Error::other)?;
+    let driver = tokio::spawn(conn);
+    let rows = client
+        .simple_query("SELECT 1")
+        .await
+        .map_err(std::io::Error::other)?;
+    drop(client);
+    let _ = driver.await;
+    Ok(rows
+        .iter()
+        .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("1"))))
+}
+
 struct ListenerRow {
     label: &'static str,
     rate: f64,
@@ -864,19 +956,24 @@ struct ListenerRow {
     conns: usize,
 }
 
-async fn listener_bench(amb: &Ambassador, echo: SocketAddr) -> Vec<ListenerRow> {
-    let n = env_usize("LISTENER_CONNS", 2000);
-    let rounds = env_usize("LISTENER_ROUNDS", 9);
+/// Rounds of `n` connections (`op` each) to every target in turn, the order rotating
+/// between rounds. Target 0 is the direct connection, target 1 the 0-plugin listener
+/// that the `vs_p0` ratios are paired with.
+async fn listener_bench<F, Fut>(
+    amb: &Ambassador,
+    targets: &[(&'static str, SocketAddr)],
+    n: usize,
+    rounds: usize,
+    op: F,
+) -> Vec<ListenerRow>
+where
+    F: Fn(SocketAddr) -> Fut + Copy + Send + 'static,
+    Fut: Future<Output = std::io::Result<bool>> + Send,
+{
     let clients = env_usize("CLIENTS", 4).max(1);
-    let targets: [(&'static str, SocketAddr); 4] = [
-        ("direct (no proxy)", echo),
-        ("wasmbassador, 0 plugins", amb.listeners["p0"]),
-        ("wasmbassador, 1 plugin", amb.listeners["p1"]),
-        ("wasmbassador, 3 plugins", amb.listeners["p3"]),
-    ];
     // Warm-up: instances, allocator, page cache.
-    for (_, addr) in &targets {
-        round(*addr, n / 4, clients).await;
+    for (_, addr) in targets {
+        round(*addr, n / 4, clients, op).await;
     }
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
     let mut lats: Vec<Vec<Duration>> = vec![Vec::new(); targets.len()];
@@ -889,7 +986,7 @@ async fn listener_bench(amb: &Ambassador, echo: SocketAddr) -> Vec<ListenerRow> 
         for k in 0..targets.len() {
             let i = (k + r) % targets.len();
             let before = process_cpu_ns(pid);
-            let res = round(targets[i].1, n, clients).await;
+            let res = round(targets[i].1, n, clients, op).await;
             if let (Some(a), Some(b)) = (before, process_cpu_ns(pid))
                 && i > 0
                 && res.conns > 0
@@ -901,7 +998,7 @@ async fn listener_bench(amb: &Ambassador, echo: SocketAddr) -> Vec<ListenerRow> 
             failed[i] += res.failed;
             conns[i] += res.conns;
         }
-        eprintln!("listener round {}/{rounds} done", r + 1);
+        eprintln!("round {}/{rounds} done", r + 1);
     }
     let mut paired: Vec<Vec<f64>> = (0..targets.len())
         .map(|i| rates[i].iter().zip(&rates[1]).map(|(r, p0)| r / p0).collect())
@@ -923,6 +1020,37 @@ async fn listener_bench(amb: &Ambassador, echo: SocketAddr) -> Vec<ListenerRow> 
             }
         })
         .collect()
+}
+
+/// Appends a table of [`listener_bench`] rows (the first is the direct connection).
+fn listener_table(report: &mut String, rows: &[ListenerRow]) {
+    let direct = rows[0].rate;
+    report.push_str(
+        "| target | connections/s | vs direct | vs 0 plugins | wasmbassador CPU µs/conn | CPU added vs 0 plugins, µs | p50 µs | p99 µs | failed |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let p0_cpu = rows.get(1).and_then(|r| r.cpu_us);
+    for (i, r) in rows.iter().enumerate() {
+        let dash = || "—".to_string();
+        let added = match (i, r.cpu_us, p0_cpu) {
+            (2.., Some(c), Some(p0)) => format!("{:+.1}", c - p0),
+            _ => dash(),
+        };
+        report.push_str(&format!(
+            "| {} | {:.0} | {:.2} | {} | {} | {} | {} | {} | {} of {} |\n",
+            r.label,
+            r.rate,
+            r.rate / direct,
+            if i == 0 { dash() } else { format!("{:.3}", r.vs_p0) },
+            r.cpu_us.map(|c| format!("{c:.1}")).unwrap_or_else(dash),
+            added,
+            us(r.p50),
+            us(r.p99),
+            r.failed,
+            r.conns + r.failed
+        ));
+    }
+    report.push('\n');
 }
 
 async fn swap_generation(admin: SocketAddr) -> Option<u64> {
@@ -1007,6 +1135,93 @@ async fn swap_bench(amb: &Ambassador, dir: &Path) -> SwapResult {
 
 // ---------------------------------------------------------------------------------
 
+/// A component with the least a hook can be: no SDK, no host imports. `f` returns a
+/// number; `fp` is `f` with a `post-return` (as every hook whose result holds text
+/// has); `g` takes a string, which the host lowers through `realloc` into the guest's
+/// memory (a bump allocator here).
+const FLOOR_WAT: &str = r#"
+(component
+  (core module $m
+    (memory (export "mem") 1)
+    (func (export "f") (result i32) i32.const 1)
+    (func (export "g") (param i32 i32) (result i32) local.get 1)
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32) i32.const 1024)
+    (func (export "post") (param i32)))
+  (core instance $i (instantiate $m))
+  (func (export "f") (result u32) (canon lift (core func $i "f")))
+  (func (export "fp") (result u32) (canon lift (core func $i "f") (post-return (core func $i "post"))))
+  (func (export "g") (param "s" string) (result u32)
+    (canon lift (core func $i "g") (memory (core memory $i "mem")) (realloc (core func $i "realloc")))))
+"#;
+
+/// Part (f): ns per call, warm (median of 7 batches, wall time, one thread) and, for
+/// `g`, the median of single calls each made after touching 8 MiB.
+fn floor_bench() -> Vec<(&'static str, f64)> {
+    use wasmtime::component::{Component, Linker, TypedFunc};
+    let engine = wasmbassador::plugin::engine::engine().expect("engine");
+    let bytes = wat::parse_str(FLOOR_WAT).expect("the floor component parses");
+    let component = Component::new(engine, bytes).expect("the floor component compiles");
+    let mut store = wasmtime::Store::new(engine, ());
+    store.set_epoch_deadline(u64::MAX / 2);
+    let instance = Linker::<()>::new(engine)
+        .instantiate(&mut store, &component)
+        .expect("instantiate");
+    let f: TypedFunc<(), (u32,)> = instance.get_typed_func(&mut store, "f").expect("f");
+    let fp: TypedFunc<(), (u32,)> = instance.get_typed_func(&mut store, "fp").expect("fp");
+    let g: TypedFunc<(&str,), (u32,)> = instance.get_typed_func(&mut store, "g").expect("g");
+    let text = "x".repeat(200);
+    let per_batch = env_usize("CHAIN_CONNS", 20000) * 5;
+    let mut warm = |call: &mut dyn FnMut(&mut wasmtime::Store<()>)| {
+        let mut batches = Vec::new();
+        let started = Instant::now();
+        while batches.len() < 7 && started.elapsed() < CHAIN_TIME_BOUND {
+            let t = Instant::now();
+            for _ in 0..per_batch {
+                call(&mut store);
+            }
+            batches.push(t.elapsed().as_nanos() as f64 / per_batch as f64);
+        }
+        median(&mut batches)
+    };
+    let mut rows = vec![
+        (
+            "`f() -> u32`: call, no `post-return`",
+            warm(&mut |st| {
+                black_box(f.call(&mut *st, ()).expect("f"));
+            }),
+        ),
+        (
+            "`f() -> u32` with a `post-return`",
+            warm(&mut |st| {
+                black_box(fp.call(&mut *st, ()).expect("fp"));
+            }),
+        ),
+        (
+            "`g(200-byte string) -> u32` (`realloc` + copy)",
+            warm(&mut |st| {
+                black_box(g.call(&mut *st, (&text,)).expect("g"));
+            }),
+        ),
+    ];
+    let mut other = vec![0u8; 8 << 20];
+    let mut cold = Vec::new();
+    let started = Instant::now();
+    while cold.len() < 2000 && started.elapsed() < CHAIN_TIME_BOUND {
+        for i in (0..other.len()).step_by(64) {
+            other[i] = other[i].wrapping_add(1);
+        }
+        black_box(&other);
+        let t = Instant::now();
+        black_box(g.call(&mut store, (&text,)).expect("g"));
+        cold.push(t.elapsed().as_nanos() as f64);
+    }
+    rows.push((
+        "`g(200-byte string)` after 8 MiB of other memory was touched",
+        median(&mut cold),
+    ));
+    rows
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a bare word selects one part.
     let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
@@ -1044,6 +1259,22 @@ fn main() {
         report.push('\n');
     }
 
+    if run("floor") {
+        let rows = floor_bench();
+        report.push_str("### (f) The runtime's floor: one call into a component export\n\n");
+        report.push_str(
+            "wasmtime's own cost per call on the host's engine (pooling allocator, epoch \
+             interruption), no SDK and no host code; warm = median of 7 batches on one thread \
+             (wall ns); the last row is the median of 2,000 single calls, each right after \
+             touching 8 MiB of other memory. A hook is at least a `realloc` for its text, the \
+             call and a `post-return`.\n\n| call | ns |\n|---|---:|\n",
+        );
+        for (label, ns) in &rows {
+            report.push_str(&format!("| {label} | {ns:.0} |\n"));
+        }
+        report.push('\n');
+    }
+
     if run("http") {
         let rows = http_bench(&dir);
         report.push_str(
@@ -1067,50 +1298,60 @@ fn main() {
         report.push('\n');
     }
 
-    if run("listener") || run("swap") {
+    if run("listener") || run("swap") || run("postgres") {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("runtime");
+        // Blocking setup (initdb, pg_ctl), before the runtime's work starts.
+        let pg = run("postgres").then(|| support::Postgres::start(support::PgOptions::default()));
         rt.block_on(async {
             let echo = echo_server().await;
-            let amb = start_ambassador(&dir, echo).await;
+            let amb = start_ambassador(&dir, echo, pg.as_ref().map(|p| p.addr())).await;
+            let l = &amb.listeners;
             if run("listener") {
-                let rows = listener_bench(&amb, echo).await;
-                let direct = rows[0].rate;
+                let (n, rounds) = (env_usize("LISTENER_CONNS", 2000), env_usize("LISTENER_ROUNDS", 9));
+                let targets = [
+                    ("direct (no proxy)", echo),
+                    ("wasmbassador, 0 plugins", l["p0"]),
+                    ("wasmbassador, 1 plugin", l["p1"]),
+                    ("wasmbassador, 3 plugins", l["p3"]),
+                    ("wasmbassador, 3 × allow-all (the cheapest hooks)", l["a3"]),
+                ];
+                let rows = listener_bench(&amb, &targets, n, rounds, ping).await;
                 report.push_str(&format!(
                     "### (b) New connections through a running wasmbassador (tcp listener, release build)\n\n\
-                     {} rounds × {} connections per target, {} concurrent clients, rounds interleaved; \
+                     {rounds} rounds × {n} connections per target, {} concurrent clients, rounds interleaved; \
                      each connection: connect, 8 bytes each way, close. Rate = median of rounds; \
                      vs 0 plugins = median of each round's rate over the 0-plugin rate of that round; \
                      CPU = on-CPU time of all wasmbassador threads per connection, median of rounds; \
                      latency = connect to close, over all rounds. Client, echo server and \
                      wasmbassador share the machine's cores.\n\n",
-                    env_usize("LISTENER_ROUNDS", 9),
-                    env_usize("LISTENER_CONNS", 2000),
                     env_usize("CLIENTS", 4).max(1),
                 ));
-                report.push_str(
-                    "| target | connections/s | vs direct | vs 0 plugins | wasmbassador CPU µs/conn | p50 µs | p99 µs | failed |\n\
-                     |---|---:|---:|---:|---:|---:|---:|---:|\n",
-                );
-                for r in &rows {
-                    let dash = || "—".to_string();
-                    report.push_str(&format!(
-                        "| {} | {:.0} | {:.2} | {} | {} | {} | {} | {} of {} |\n",
-                        r.label,
-                        r.rate,
-                        r.rate / direct,
-                        if r.label.starts_with("direct") { dash() } else { format!("{:.3}", r.vs_p0) },
-                        r.cpu_us.map(|c| format!("{c:.1}")).unwrap_or_else(dash),
-                        us(r.p50),
-                        us(r.p99),
-                        r.failed,
-                        r.conns + r.failed
-                    ));
-                }
-                report.push('\n');
+                listener_table(&mut report, &rows);
+            }
+            if let Some(pg) = &pg {
+                let (n, rounds) = (env_usize("PG_CONNS", 300), env_usize("PG_ROUNDS", 7));
+                let targets = [
+                    ("direct (no proxy)", pg.addr()),
+                    ("wasmbassador, 0 plugins", l["pg0"]),
+                    ("wasmbassador, 1 plugin (allow-list: user, database, client)", l["pg1"]),
+                    ("wasmbassador, 3 plugins (allow-list, route-by-database, access-log)", l["pg3"]),
+                    ("wasmbassador, 3 × allow-all (the cheapest hooks)", l["pga3"]),
+                ];
+                let rows = listener_bench(&amb, &targets, n, rounds, pg_session).await;
+                report.push_str(&format!(
+                    "### (e) New connections through a postgres listener to PostgreSQL {} (release build)\n\n\
+                     {rounds} rounds × {n} connections per target, {} concurrent clients, rounds interleaved; \
+                     each connection: startup as `app` to `orders` (trust, no TLS), `SELECT 1`, Terminate, \
+                     as `pgbench -C -S` does. Columns as in (b); the server forks a backend for every \
+                     connection, which is most of each connection's time.\n\n",
+                    pg.server_version_num() / 10000,
+                    env_usize("CLIENTS", 4).max(1),
+                ));
+                listener_table(&mut report, &rows);
             }
             if run("swap") {
                 let mut s = swap_bench(&amb, &dir).await;
