@@ -13,6 +13,7 @@
 //! tells the remote service nothing, and the ambassador acts for the application
 //! rather than in front of a server.
 
+mod fast;
 pub mod headers;
 mod hooks;
 pub use hooks::apply_header_edits;
@@ -84,8 +85,9 @@ pub async fn serve(
         activity: activity.clone(),
     });
     let bytes = ctx.st.conn_metrics(&ctx.shared).bytes.clone();
+    let service_ctx = ctx.clone();
     let service = hyper::service::service_fn(move |req| {
-        let ctx = ctx.clone();
+        let ctx = service_ctx.clone();
         async move { Ok::<_, Infallible>(ctx.proxy(req).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -98,12 +100,22 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEAD as u32);
-    let io = TokioIo::new(AppConn {
+    let mut app = AppConn {
         sock,
         from_app: bytes.to_upstream,
         to_app: bytes.to_client,
         activity: activity.clone(),
-    });
+        replay: bytes::BytesMut::new(),
+    };
+    // Without plugins, requests take the fast path while they suit it; from the
+    // first one that does not, hyper serves the connection.
+    if ctx.st.config.plugins.is_empty() {
+        match ctx.serve_fast(&mut app, &stop, &hard_stop).await {
+            fast::End::Closed => return,
+            fast::End::Hyper(read) => app.replay = read,
+        }
+    }
+    let io = TokioIo::new(app);
     // Upgrades (WebSocket) hand the connection to `upgrade`, which then owns it.
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
@@ -669,12 +681,20 @@ impl Ctx {
     /// The answer to a request the upstream did not answer: 504 when the connect
     /// attempts timed out, else 502, naming the upstream and the last reason.
     fn failed(&self, up: &Upstream, e: &SendError) -> Response<Body> {
+        let (status, text) = self.failure(up, e);
+        local(status, text)
+    }
+
+    /// The status and text of [`Ctx::failed`]'s answer (the fast path writes it
+    /// itself).
+    fn failure(&self, up: &Upstream, e: &SendError) -> (StatusCode, String) {
         let name = &up.config.name;
         let top: &(dyn std::error::Error + 'static) = match e {
             SendError::Connect(p) => p,
             SendError::Http(h) => h,
             SendError::Shared(l) => l,
             SendError::Target(t) => t,
+            SendError::Io(i) => i,
         };
         let mut reason = top.to_string();
         let mut source = match e {
@@ -696,7 +716,7 @@ impl Ctx {
             source = s.source();
         }
         tracing::warn!(listener = %self.st.config.name, upstream = %name, %status, error = %reason, "upstream request failed");
-        local(
+        (
             status,
             format!("wasmbassador: cannot reach upstream {name:?}: {reason}\n"),
         )
@@ -785,6 +805,8 @@ struct AppConn {
     to_app: ShardedCounter,
     /// With an `idle_timeout` only.
     activity: Option<Activity>,
+    /// Bytes the fast path read and handed over to hyper, read again first.
+    replay: bytes::BytesMut,
 }
 
 impl AppConn {
@@ -807,6 +829,12 @@ impl tokio::io::AsyncRead for AppConn {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.replay.is_empty() {
+            // Counted when they were read the first time.
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut this.sock).poll_read(cx, buf);
         if r.is_ready() {

@@ -68,6 +68,9 @@ pub struct Pool {
     h2: Arc<AtomicBool>,
     /// HTTP/1.1 connections between requests, newest last.
     idle: Mutex<Vec<Idle>>,
+    /// HTTP/1.1 connections of the fast path ([`super::fast`]) between requests,
+    /// newest last: bare connections, with no hyper state.
+    raw: Mutex<Vec<RawIdle>>,
     /// `http.pool_max_idle`.
     max_idle: usize,
     /// `http.pool_idle_timeout`.
@@ -123,6 +126,7 @@ impl Pool {
             host,
             h2: upstream.http_h2.clone(),
             idle: Mutex::new(Vec::new()),
+            raw: Mutex::new(Vec::new()),
             max_idle: cfg.pool_max_idle,
             idle_timeout: cfg.pool_idle_timeout,
             reaping: AtomicBool::new(false),
@@ -250,6 +254,57 @@ impl Pool {
         }
         idle.push(Idle::new(conn));
         drop(idle);
+        self.reap_later();
+    }
+
+    /// An idle fast-path connection that can take a request, if there is one: not
+    /// too old, and with nothing pending on it (a close from the upstream shows here,
+    /// without a read: tokio notes a short read as the socket drained).
+    pub(super) fn raw_checkout(&self) -> Option<Conn> {
+        let mut raw = self.raw.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(entry) = raw.pop() {
+            let fresh = entry.since.elapsed() < self.idle_timeout;
+            if let Some(mut conn) = entry.take()
+                && fresh
+                && conn.info.opened.elapsed() < self.max_lifetime
+                && conn.quiet()
+            {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Opens a connection for the fast path; `Ok(None)` when the upstream chose
+    /// HTTP/2 by ALPN, which from then on its requests take through the shared
+    /// client (this connection first).
+    pub(super) async fn raw_open(&self) -> Result<Option<Conn>, SendError> {
+        let c = self.connector.open().await.map_err(SendError::Connect)?;
+        if c.h2 {
+            self.h2.store(true, Ordering::Relaxed);
+            *self.connector.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+            return Ok(None);
+        }
+        Ok(Some(c))
+    }
+
+    /// Takes a fast-path connection back after a complete exchange; one past
+    /// `max_lifetime`, or finding the pool full, is closed instead.
+    pub(super) fn raw_release(self: &Arc<Self>, conn: Conn) {
+        if conn.info.opened.elapsed() >= self.max_lifetime {
+            return;
+        }
+        let mut raw = self.raw.lock().unwrap_or_else(|p| p.into_inner());
+        if raw.len() >= self.max_idle {
+            return;
+        }
+        raw.push(RawIdle::new(conn));
+        drop(raw);
+        self.reap_later();
+    }
+
+    /// Starts the reaper unless it runs.
+    fn reap_later(self: &Arc<Self>) {
         if !self.reaping.swap(true, Ordering::Relaxed) {
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
@@ -271,7 +326,9 @@ impl Pool {
             let Some(p) = pool.upgrade() else { return };
             let mut idle = p.idle.lock().unwrap_or_else(|e| e.into_inner());
             idle.retain(|i| i.since.elapsed() < p.idle_timeout);
-            if idle.is_empty() {
+            let mut raw = p.raw.lock().unwrap_or_else(|e| e.into_inner());
+            raw.retain(|i| i.since.elapsed() < p.idle_timeout);
+            if idle.is_empty() && raw.is_empty() {
                 p.reaping.store(false, Ordering::Relaxed);
                 return;
             }
@@ -294,6 +351,9 @@ pub enum SendError {
     /// The request target and the upstream's authority make no HTTP/2 target.
     #[error("unusable request target: {0}")]
     Target(http::uri::InvalidUriParts),
+    /// A fast-path connection failed the request.
+    #[error(transparent)]
+    Io(io::Error),
 }
 
 impl SendError {
@@ -302,7 +362,7 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         match self {
             SendError::Connect(_) => true,
-            SendError::Http(_) | SendError::Target(_) => false,
+            SendError::Http(_) | SendError::Target(_) | SendError::Io(_) => false,
             SendError::Shared(e) => e.is_connect(),
         }
     }
@@ -341,6 +401,44 @@ impl Drop for Idle {
     fn drop(&mut self) {
         if let Some(c) = &self.conn {
             c.idle.dec();
+        }
+    }
+}
+
+/// An idle fast-path connection, counted in `http_upstream_connections_idle` like
+/// [`Idle`].
+#[derive(Debug)]
+struct RawIdle {
+    /// Always `Some` but inside [`RawIdle::take`].
+    conn: Option<Conn>,
+    since: Instant,
+}
+
+impl RawIdle {
+    fn new(conn: Conn) -> RawIdle {
+        if let Some(g) = &conn.idle {
+            g.inc();
+        }
+        RawIdle {
+            conn: Some(conn),
+            since: Instant::now(),
+        }
+    }
+
+    /// The connection, no longer counted as idle.
+    fn take(mut self) -> Option<Conn> {
+        let conn = self.conn.take();
+        if let Some(g) = conn.as_ref().and_then(|c| c.idle.as_ref()) {
+            g.dec();
+        }
+        conn
+    }
+}
+
+impl Drop for RawIdle {
+    fn drop(&mut self) {
+        if let Some(g) = self.conn.as_ref().and_then(|c| c.idle.as_ref()) {
+            g.dec();
         }
     }
 }
@@ -598,6 +696,28 @@ impl Connector {
                 opened: Instant::now(),
             },
         })
+    }
+}
+
+impl Conn {
+    /// The connection's byte stream (for the fast path, which speaks HTTP/1.1 on it
+    /// itself).
+    pub(super) fn io(&mut self) -> &mut UpstreamIo {
+        self.io.inner_mut()
+    }
+
+    /// Which endpoint it reached, and when.
+    pub(super) fn info(&self) -> &ConnInfo {
+        &self.info
+    }
+
+    /// Nothing has arrived on the idle connection: no close, no stray bytes. Its
+    /// wakeups go nowhere: an idle connection is not watched.
+    fn quiet(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        tokio::io::AsyncRead::poll_read(Pin::new(self.io.inner_mut()), &mut cx, &mut buf).is_pending()
     }
 }
 

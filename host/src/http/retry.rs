@@ -14,7 +14,13 @@ use crate::metrics::ShardedCounter;
 /// PUT and DELETE are idempotent too, but usually carry or cause more than a read;
 /// they are left to a plugin's explicit say-so later.
 pub fn retryable(method: &Method, body_empty: bool) -> bool {
-    body_empty && matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+    body_empty && retryable_name(method.as_str())
+}
+
+/// Whether requests with this method (as it is written on the wire) may be sent
+/// again when their body is empty; see [`retryable`].
+pub fn retryable_name(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD" | "OPTIONS")
 }
 
 /// Statuses that say "this try failed in a gateway or overloaded server; another may
