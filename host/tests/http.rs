@@ -2279,3 +2279,65 @@ async fn http_metrics_counts_requests_errors_and_latency_per_route_behind_a_thre
     );
     amb.shutdown().await;
 }
+
+/// The fast path (listeners without plugins, plain HTTP/1.1 requests) hands a
+/// connection to hyper at the first request it does not take: every request on it is
+/// answered, in order, whichever side served it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_app_connection_mixes_fast_path_requests_pipelining_and_a_chunked_upload() {
+    let pki = Pki::new();
+    let one = Upstream::start(&pki, "one", &[b"http/1.1"]).await;
+    let amb = start_api(&pki, one.addr, "").await;
+    let addr = listener(&amb, "api");
+
+    // One connection: two plain requests, a chunked download, then a chunked upload
+    // (hyper's from here on) and one more request after it.
+    let mut app = h1(addr).await;
+    for path in ["/first", "/second"] {
+        let resp = app.send_request(get(path)).await.expect("plain request");
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        assert_eq!(header(&resp, "x-seen-target"), path);
+        assert_eq!(header(&resp, "via"), "1.1 wasmbassador");
+        assert_eq!(body_text(resp.into_body()).await, "hello from one\n");
+        app.ready().await.expect("ready again");
+    }
+    let n = 300_000;
+    let resp = app
+        .send_request(get(&format!("/download?bytes={n}")))
+        .await
+        .expect("download");
+    assert_eq!(header(&resp, "transfer-encoding"), "chunked");
+    assert_eq!(drain(resp.into_body()).await.0, n);
+    app.ready().await.expect("ready again");
+    let req = Request::post("/upload")
+        .header("host", "localhost")
+        .body(pattern_body(n, false))
+        .expect("request");
+    let resp = app.send_request(req).await.expect("chunked upload");
+    assert_eq!(header(&resp, "x-bytes"), n.to_string());
+    assert_eq!(header(&resp, "x-sha256"), pattern_digest(n));
+    body_text(resp.into_body()).await;
+    app.ready().await.expect("ready again");
+    let resp = app
+        .send_request(get("/after"))
+        .await
+        .expect("request after the upload");
+    assert_eq!(header(&resp, "x-seen-target"), "/after");
+    assert_eq!(body_text(resp.into_body()).await, "hello from one\n");
+
+    // Pipelined in one write: both answered in order, and `Connection: close` on the
+    // last ends the connection after its answer.
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        b"GET /p1 HTTP/1.1\r\nHost: x\r\n\r\nPOST /p2 HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbodyGET /p3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let got = until_closed(&mut s, "the connection closes after the last answer").await;
+    let at = |t: &str| got.find(t).unwrap_or_else(|| panic!("no {t:?} in {got}"));
+    assert!(at("x-seen-target: /p1") < at("x-seen-target: /p2"));
+    assert!(at("x-seen-target: /p2") < at("x-seen-target: /p3"));
+    assert_eq!(got.matches("HTTP/1.1 200").count(), 3, "{got}");
+    assert_eq!(got.matches("hello from one\n").count(), 3, "{got}");
+    assert!(got.to_ascii_lowercase().contains("connection: close"), "{got}");
+}

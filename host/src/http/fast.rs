@@ -286,11 +286,12 @@ fn parse_response(buf: &[u8], req: &Request, out: &mut Vec<u8>) -> Result<Option
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in headers.iter() {
-        let keep = !hop_by_hop(h.name)
-            && !named.iter().any(|n| n.eq_ignore_ascii_case(h.name))
-            // A message with both is framed by its coding (RFC 9112 §6.3).
-            && !(encoded && h.name.eq_ignore_ascii_case("content-length"));
-        if keep {
+        // A message with both is framed by its coding (RFC 9112 §6.3): its
+        // `Content-Length` goes.
+        let drop = hop_by_hop(h.name)
+            || named.iter().any(|n| n.eq_ignore_ascii_case(h.name))
+            || (encoded && h.name.eq_ignore_ascii_case("content-length"));
+        if !drop {
             write_field(out, h.name, h.value);
         }
     }
@@ -306,7 +307,9 @@ fn parse_response(buf: &[u8], req: &Request, out: &mut Vec<u8>) -> Result<Option
         head_len,
         status,
         framing,
-        upstream_close: connection_has(headers, "close"),
+        // An HTTP/1.0 server closes after each response unless it says otherwise.
+        upstream_close: connection_has(headers, "close")
+            || (resp.version == Some(0) && !connection_has(headers, "keep-alive")),
     }))
 }
 
