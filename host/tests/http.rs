@@ -1022,6 +1022,17 @@ async fn an_unreachable_upstream_is_a_502_naming_it_and_a_silent_one_a_504() {
     let text = body_text(resp.into_body()).await;
     assert!(text.contains("upstream \"dead\""), "{text}");
     assert!(text.contains("connect attempt"), "{text}");
+    // Pipelined on one connection: each request is answered once, the answer to HEAD
+    // without its text.
+    let mut s = TcpStream::connect(listener(&amb, "dead")).await.expect("connect");
+    s.write_all(
+        b"HEAD /one HTTP/1.1\r\nHost: x\r\n\r\nPOST /two HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let got = until_closed(&mut s, "the connection closes after the second answer").await;
+    assert_eq!(got.matches("HTTP/1.1 502").count(), 2, "{got}");
+    assert_eq!(got.matches("cannot reach upstream").count(), 1, "{got}");
 
     let mut app = h1(listener(&amb, "silent")).await;
     let resp = app.send_request(get("/hello")).await.expect("an answer");

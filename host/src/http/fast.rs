@@ -29,6 +29,7 @@
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -128,7 +129,13 @@ fn named_fields<'h>(headers: &[httparse::Header<'h>]) -> Option<Vec<&'h str>> {
         .filter(|h| h.name.eq_ignore_ascii_case("connection"))
     {
         for t in tokens(h.value) {
-            if !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive") {
+            // `Content-Length` frames the message on both hops: a `Connection` that
+            // names it does not remove it (else the body would run into the next
+            // request on the upstream connection).
+            let kept = ["close", "keep-alive", "content-length"]
+                .iter()
+                .any(|k| t.eq_ignore_ascii_case(k));
+            if !kept {
                 if named.len() == 8 {
                     return None;
                 }
@@ -235,7 +242,7 @@ fn parse_response(buf: &[u8], req: &Request, out: &mut Vec<u8>) -> Result<Option
         Err(httparse::Error::TooManyHeaders) => return Err("too many response header fields"),
         Err(_) => return Err("malformed response head"),
     };
-    let status = resp.code.ok_or("malformed response head")?;
+    let status = resp.code.filter(|c| *c >= 100).ok_or("malformed response head")?;
     if status == 101 {
         return Err("unexpected 101 Switching Protocols");
     }
@@ -379,13 +386,13 @@ impl Chunks {
                 }
                 SizeDigits(v) | Extension(v) if b == b'\r' => SizeLf(v),
                 SizeDigits(v) if b == b';' || b == b' ' || b == b'\t' => Extension(v),
-                Extension(v) => Extension(v),
+                Extension(v) if b == b'\t' || !b.is_ascii_control() => Extension(v),
                 SizeLf(0) if b == b'\n' => TrailerStart,
                 SizeLf(v) if b == b'\n' => Data(v),
                 DataCr if b == b'\r' => DataLf,
                 DataLf if b == b'\n' => Size,
                 TrailerStart if b == b'\r' => EndLf,
-                TrailerStart | Trailer if b != b'\r' => Trailer,
+                TrailerStart | Trailer if b == b'\t' || !b.is_ascii_control() => Trailer,
                 Trailer if b == b'\r' => TrailerLf,
                 TrailerLf if b == b'\n' => TrailerStart,
                 EndLf if b == b'\n' => Done,
@@ -480,7 +487,8 @@ impl Ctx {
         // request would be an allocation and a timer-wheel entry each time).
         let head_wait = tokio::time::sleep(head_timeout);
         tokio::pin!(head_wait);
-        let mut closing = false;
+        // Set by a stop during an exchange: that response is the connection's last.
+        let closing = AtomicBool::new(false);
         loop {
             // A whole request head, and where it goes.
             let mut armed = false;
@@ -492,15 +500,15 @@ impl Ctx {
                 let Some(host) = pool.host().filter(|_| !pool.is_h2()) else {
                     return End::Hyper(bufs.app);
                 };
+                if closing.load(Ordering::Relaxed) {
+                    return End::Closed;
+                }
                 if !bufs.app.is_empty() {
                     match parse_request(&bufs.app, host.as_bytes(), &mut bufs.out) {
                         Parsed::Ready(r) => break (r, up, pool),
                         Parsed::Partial => {}
                         Parsed::Unusual => return End::Hyper(bufs.app),
                     }
-                }
-                if closing {
-                    return End::Closed;
                 }
                 if !armed {
                     head_wait.as_mut().reset((Instant::now() + head_timeout).into());
@@ -534,15 +542,15 @@ impl Ctx {
             };
             // The exchange, which a hard stop ends at once and a stop lets finish.
             let done = {
-                let exchange = self.exchange(&up, &pool, app, &req, &mut bufs);
+                let exchange = self.exchange(&up, &pool, app, &req, &mut bufs, &closing);
                 tokio::pin!(exchange);
                 std::future::poll_fn(|cx| {
                     if let Some(mut scx) = signals.due(cx) {
                         if hard.as_mut().poll(&mut scx).is_ready() {
                             return Poll::Ready(None);
                         }
-                        if !closing && stopped.as_mut().poll(&mut scx).is_ready() {
-                            closing = true;
+                        if !closing.load(Ordering::Relaxed) && stopped.as_mut().poll(&mut scx).is_ready() {
+                            closing.store(true, Ordering::Relaxed);
                         }
                     }
                     exchange.as_mut().poll(cx).map(Some)
@@ -567,6 +575,7 @@ impl Ctx {
         app: &mut AppConn,
         req: &Request,
         bufs: &mut Bufs,
+        closing: &AtomicBool,
     ) -> Exchange {
         let name = up.config.name.as_str();
         let timeout = self.st.config.request_timeout();
@@ -594,17 +603,26 @@ impl Ctx {
                     tracing::warn!(listener = %self.st.config.name, upstream = %name, ?timeout, "no response head in time");
                     let text =
                         format!("wasmbassador: upstream {name:?} did not answer within {this_try:?}\n");
-                    return self.answer(app, req, StatusCode::GATEWAY_TIMEOUT, &text).await;
+                    return self
+                        .answer(
+                            app,
+                            req,
+                            &mut bufs.app,
+                            in_buf,
+                            StatusCode::GATEWAY_TIMEOUT,
+                            &text,
+                        )
+                        .await;
                 }
                 Err(_) => "timeout",
                 Ok(Err(TryError::AppGone)) => return Exchange::Close,
                 Ok(Err(TryError::Connect(e))) => {
                     let (status, text) = self.failure(up, &e);
-                    return self.answer(app, req, status, &text).await;
+                    return self.answer(app, req, &mut bufs.app, in_buf, status, &text).await;
                 }
                 Ok(Err(TryError::Reset(e))) if last_try => {
                     let (status, text) = self.failure(up, &SendError::Io(e));
-                    return self.answer(app, req, status, &text).await;
+                    return self.answer(app, req, &mut bufs.app, in_buf, status, &text).await;
                 }
                 Ok(Err(TryError::Reset(e))) => {
                     tracing::debug!(listener = %self.st.config.name, upstream = %name, error = %e, "request reset upstream");
@@ -641,7 +659,7 @@ impl Ctx {
                 let text = format!(
                     "wasmbassador: upstream {name:?} failed the request ({reason}) and the retry budget is spent\n"
                 );
-                return self.answer(app, req, status, &text).await;
+                return self.answer(app, req, &mut bufs.app, in_buf, status, &text).await;
             }
         };
         bufs.app.advance(req.head_len + in_buf);
@@ -651,6 +669,11 @@ impl Ctx {
             .http_duration(&self.shared.metrics)
             .observe(sent.elapsed());
         self.st.http_requests(&self.shared.metrics, status).inc();
+        if closing.load(Ordering::Relaxed) && !req.close && resp.framing != Framing::UntilClose {
+            // The listener is stopping: the app learns that this connection ends.
+            bufs.head.truncate(bufs.head.len() - 2);
+            bufs.head.extend_from_slice(b"connection: close\r\n\r\n");
+        }
         match self.relay_body(&mut conn, app, &resp, bufs).await {
             Ok(true) => {
                 if !resp.upstream_close && bufs.up.is_empty() {
@@ -687,6 +710,8 @@ impl Ctx {
         };
         let io = conn.io();
         io.write_all(&bufs.out).await.map_err(TryError::Reset)?;
+        // TLS keeps written records until flushed; plain TCP has nothing to flush.
+        io.flush().await.map_err(TryError::Reset)?;
         // The rest of the body streams from the app; a request with a body has one
         // try, so it is never needed twice.
         let mut left = req.body_len - in_buf as u64;
@@ -701,6 +726,7 @@ impl Ctx {
                 io.write_all(&chunk[..n]).await.map_err(TryError::Reset)?;
                 left -= n as u64;
             }
+            io.flush().await.map_err(TryError::Reset)?;
         }
         bufs.up.clear();
         loop {
@@ -789,8 +815,18 @@ impl Ctx {
         }
     }
 
-    /// A local answer on the fast path (what [`super::local`] makes on hyper's).
-    async fn answer(&self, app: &mut AppConn, req: &Request, status: StatusCode, text: &str) -> Exchange {
+    /// A local answer on the fast path (what [`super::local`] makes on hyper's); the
+    /// request (its head and the body bytes read with it) leaves `read`.
+    async fn answer(
+        &self,
+        app: &mut AppConn,
+        req: &Request,
+        read: &mut BytesMut,
+        in_buf: usize,
+        status: StatusCode,
+        text: &str,
+    ) -> Exchange {
+        read.advance(req.head_len + in_buf);
         self.st.http_requests(&self.shared.metrics, status).inc();
         let mut head = Vec::with_capacity(160 + text.len());
         head.extend_from_slice(b"HTTP/1.1 ");
@@ -805,7 +841,10 @@ impl Ctx {
             head.extend_from_slice(b"\r\nconnection: close");
         }
         head.extend_from_slice(b"\r\n\r\n");
-        head.extend_from_slice(text.as_bytes());
+        // The answer to HEAD has the length of the text but not the text.
+        if !req.head_method {
+            head.extend_from_slice(text.as_bytes());
+        }
         if app.write_all(&head).await.is_err() || unread {
             return Exchange::Close;
         }
@@ -862,6 +901,10 @@ mod tests {
             assert!(matches!(req(text).0, Parsed::Unusual), "{text:?} was taken");
         }
         assert!(matches!(req("GET / HTTP/1.1\r\nHost: x\r\n").0, Parsed::Partial));
+        // `Connection` cannot take away the field that frames the body.
+        let (p, out) = req("POST / HTTP/1.1\r\nConnection: content-length\r\nContent-Length: 2\r\n\r\nhi");
+        assert!(matches!(p, Parsed::Ready(Request { body_len: 2, .. })));
+        assert!(out.contains("Content-Length: 2\r\n"), "{out}");
     }
 
     fn scan_all(body: &[u8], step: usize) -> Result<Option<usize>, &'static str> {
@@ -886,6 +929,11 @@ mod tests {
         assert_eq!(scan_all(b"5\r\nhel", 2), Ok(None));
         assert!(scan_all(b"5\r\nhelloXX", 1).is_err());
         assert!(scan_all(b"zz\r\n", 1).is_err());
+        assert!(
+            scan_all(b"5;a\nb\r\nhello\r\n0\r\n\r\n", 1).is_err(),
+            "bare LF in an extension"
+        );
+        assert!(scan_all(b"0\r\nx: a\n\r\n", 1).is_err(), "bare LF in a trailer");
     }
 
     #[test]
@@ -935,5 +983,11 @@ mod tests {
             )
             .is_err()
         );
+        assert!(parse_response(b"HTTP/1.1 099 Odd\r\n\r\n", &get, &mut out).is_err());
+        // `Connection` cannot take away the field that frames the body.
+        let text = b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 3\r\n\r\n";
+        let r = parse_response(text, &get, &mut out);
+        assert_eq!(r.ok().flatten().map(|r| r.framing), Some(Framing::Length(3)));
+        assert!(String::from_utf8_lossy(&out).contains("Content-Length: 3\r\n"));
     }
 }
