@@ -39,7 +39,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use super::pool::{Conn, Pool, SendError};
-use super::{AppConn, Ctx, HEAD_TIMEOUT, MAX_HEAD, Signals, retry};
+use super::{AppConn, Ctx, HEAD_TIMEOUT, MAX_HEAD, Signals, budget_spent, retry, retry_pause};
 use crate::upstream::Upstream;
 
 /// Most fields a head may have here (hyper's limit as well); more go to hyper.
@@ -640,25 +640,12 @@ impl Ctx {
                     }
                     // Its body is not read: that connection is given up.
                     drop(conn);
-                    tokio::time::sleep(
-                        up.config
-                            .retry
-                            .backoff
-                            .min(deadline.saturating_duration_since(Instant::now())),
-                    )
-                    .await;
+                    retry_pause(up, deadline).await;
                     continue;
                 }
             };
             if !self.may_retry(pool, reason) {
-                let status = if reason == "timeout" {
-                    StatusCode::GATEWAY_TIMEOUT
-                } else {
-                    StatusCode::BAD_GATEWAY
-                };
-                let text = format!(
-                    "wasmbassador: upstream {name:?} failed the request ({reason}) and the retry budget is spent\n"
-                );
+                let (status, text) = budget_spent(name, reason);
                 return self.answer(app, req, &mut bufs.app, in_buf, status, &text).await;
             }
         };

@@ -470,29 +470,14 @@ impl Ctx {
                     // Dropping it unread gives up that connection; the next try may
                     // use another.
                     drop(resp);
-                    tokio::time::sleep(
-                        up.config
-                            .retry
-                            .backoff
-                            .min(deadline.saturating_duration_since(Instant::now())),
-                    )
-                    .await;
+                    retry_pause(&up, deadline).await;
                     continue;
                 }
                 Ok(Ok(resp)) => return self.respond(pool, resp, captured.as_ref(), sent, received, trace),
             };
             if !self.may_retry(pool, reason) {
-                let status = if reason == "timeout" {
-                    StatusCode::GATEWAY_TIMEOUT
-                } else {
-                    StatusCode::BAD_GATEWAY
-                };
-                return local(
-                    status,
-                    format!(
-                        "wasmbassador: upstream {name:?} failed the request ({reason}) and the retry budget is spent\n"
-                    ),
-                );
+                let (status, text) = budget_spent(name, reason);
+                return local(status, text);
             }
         }
     }
@@ -721,6 +706,31 @@ impl Ctx {
             format!("wasmbassador: cannot reach upstream {name:?}: {reason}\n"),
         )
     }
+}
+
+/// The wait before another try: the upstream's `retry.backoff`, cut short by the
+/// request's deadline.
+async fn retry_pause(up: &Upstream, deadline: Instant) {
+    tokio::time::sleep(
+        up.config
+            .retry
+            .backoff
+            .min(deadline.saturating_duration_since(Instant::now())),
+    )
+    .await;
+}
+
+/// The answer when a try failed for `reason` and the budget allows no other.
+fn budget_spent(upstream: &str, reason: &str) -> (StatusCode, String) {
+    let status = if reason == "timeout" {
+        StatusCode::GATEWAY_TIMEOUT
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    let text = format!(
+        "wasmbassador: upstream {upstream:?} failed the request ({reason}) and the retry budget is spent\n"
+    );
+    (status, text)
 }
 
 /// The header rules of one hop of an upgrade: hop-by-hop fields go, `Via` is added,
