@@ -1727,6 +1727,11 @@ async fn http_plugins_run_in_order_see_earlier_edits_route_answer_locally_and_fa
     }
     assert_eq!(all(&h, "x-chain-response"), ["c", "b", "a"]);
     assert_eq!(header_of(&h, "x-source-a"), "upstream");
+    // Upstream two speaks HTTP/2, which the fast path hands to hyper after the hooks
+    // ran: they ran once, not again on hyper's side.
+    let shown = amb.shared().metrics.encode();
+    let b_calls = r#"wasmbassador_plugin_calls_total{plugin="b",hook="on_request"}"#;
+    assert_eq!(metric_value(&shown, b_calls), 1.0, "{shown}");
 
     // SDK plugins get the packed request and response (WIT 0.1.4); a plugin built
     // against 0.1.3 gets the plain ones, with the same fields and earlier edits, and

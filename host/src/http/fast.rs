@@ -35,11 +35,14 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use http::StatusCode;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
+use super::hooks::{Answered, Decision, Early, Prepared};
 use super::pool::{Conn, Pool, SendError};
 use super::{AppConn, Ctx, HEAD_TIMEOUT, MAX_HEAD, Signals, budget_spent, retry, retry_pause};
+use crate::plugin::ResponseSource;
 use crate::upstream::Upstream;
 
 /// Most fields a head may have here (hyper's limit as well); more go to hyper.
@@ -161,6 +164,25 @@ fn content_length(value: &[u8]) -> Option<u64> {
     std::str::from_utf8(value).ok()?.parse().ok()
 }
 
+/// The request line and `Host`.
+fn start_request_head(out: &mut Vec<u8>, method: &str, path: &str, host: &[u8]) {
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    write_field(out, "host", host);
+}
+
+/// The head for the upstream of a request the plugins saw (and may have edited).
+fn write_request_head(out: &mut Vec<u8>, h: &HookHead, host: &[u8]) {
+    start_request_head(out, &h.method, &h.path, host);
+    for (name, value) in &h.headers {
+        write_field(out, name.as_str(), value.as_bytes());
+    }
+    out.extend_from_slice(b"via: 1.1 wasmbassador\r\n\r\n");
+}
+
 fn write_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
@@ -168,9 +190,29 @@ fn write_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Where a parsed request head goes.
+enum Sink<'a> {
+    /// Written for the upstream at once, with this `Host` (a listener without plugins).
+    Wire { host: &'a [u8], out: &'a mut Vec<u8> },
+    /// Taken apart for the plugins, and written by [`write_request_head`] after them.
+    Hooks(&'a mut HookHead),
+}
+
+/// A request head as the plugins see it: what hyper's path hands them too, hop-by-hop
+/// fields and `Host` gone, field names in lower case. Reused by each request of a
+/// connection.
+#[derive(Default)]
+struct HookHead {
+    method: String,
+    path: String,
+    /// The app's `Host`.
+    authority: Option<String>,
+    headers: HeaderMap,
+}
+
 /// Parses the request head at the start of `buf`; when the fast path takes it, the
-/// head for the upstream goes into `out`.
-fn parse_request(buf: &[u8], host: &[u8], out: &mut Vec<u8>) -> Parsed {
+/// head goes into `sink`.
+fn parse_request(buf: &[u8], sink: Sink<'_>) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
@@ -208,18 +250,40 @@ fn parse_request(buf: &[u8], host: &[u8], out: &mut Vec<u8>) -> Parsed {
     let Some(named) = named_fields(headers) else {
         return Parsed::Unusual;
     };
-    out.clear();
-    out.extend_from_slice(method.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    write_field(out, "host", host);
-    for h in headers.iter() {
-        if !hop_by_hop(h.name) && !named.iter().any(|n| n.eq_ignore_ascii_case(h.name)) {
-            write_field(out, h.name, h.value);
+    let passed = headers
+        .iter()
+        .filter(|h| !hop_by_hop(h.name) && !named.iter().any(|n| n.eq_ignore_ascii_case(h.name)));
+    match sink {
+        Sink::Wire { host, out } => {
+            start_request_head(out, method, path, host);
+            for h in passed {
+                write_field(out, h.name, h.value);
+            }
+            out.extend_from_slice(b"via: 1.1 wasmbassador\r\n\r\n");
+        }
+        Sink::Hooks(hh) => {
+            hh.method.clear();
+            hh.method.push_str(method);
+            hh.path.clear();
+            hh.path.push_str(path);
+            hh.authority = headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("host"))
+                .and_then(|h| std::str::from_utf8(h.value).ok())
+                .map(str::to_string);
+            hh.headers.clear();
+            for h in passed {
+                // What `HeaderValue` refuses (control bytes) hyper answers with a 400.
+                let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(h.name.as_bytes()),
+                    HeaderValue::from_bytes(h.value),
+                ) else {
+                    return Parsed::Unusual;
+                };
+                hh.headers.append(name, value);
+            }
         }
     }
-    out.extend_from_slice(b"via: 1.1 wasmbassador\r\n\r\n");
     let body_len = body_len.unwrap_or(0);
     Parsed::Ready(Request {
         head_len,
@@ -489,6 +553,8 @@ impl Ctx {
         tokio::pin!(head_wait);
         // Set by a stop during an exchange: that response is the connection's last.
         let closing = AtomicBool::new(false);
+        let plugins = !self.st.config.plugins.is_empty();
+        let mut hh = HookHead::default();
         loop {
             // A whole request head, and where it goes.
             let mut armed = false;
@@ -504,7 +570,15 @@ impl Ctx {
                     return End::Closed;
                 }
                 if !bufs.app.is_empty() {
-                    match parse_request(&bufs.app, host.as_bytes(), &mut bufs.out) {
+                    let sink = if plugins {
+                        Sink::Hooks(&mut hh)
+                    } else {
+                        Sink::Wire {
+                            host: host.as_bytes(),
+                            out: &mut bufs.out,
+                        }
+                    };
+                    match parse_request(&bufs.app, sink) {
                         Parsed::Ready(r) => break (r, up, pool),
                         Parsed::Partial => {}
                         Parsed::Unusual => return End::Hyper(bufs.app),
@@ -540,9 +614,28 @@ impl Ctx {
                     Wait::Eof | Wait::Close => return End::Closed,
                 }
             };
+            // The plugins' say, and where they send the request.
+            let mut decision = None;
+            let (up, pool) = if plugins {
+                match self.route(&req, &mut hh, app, &mut bufs).await {
+                    Routed::Go(d, up, pool) => {
+                        decision = Some(d);
+                        (up, pool)
+                    }
+                    Routed::Answered(Exchange::Kept) if !req.close => continue,
+                    Routed::Answered(_) => return End::Closed,
+                    Routed::Hyper(d) => {
+                        self.hand_over(d, &mut hh);
+                        return End::Hyper(bufs.app);
+                    }
+                }
+            } else {
+                (up, pool)
+            };
+            let hooks = decision.as_ref().map(|d| Hooks { d, head: &hh });
             // The exchange, which a hard stop ends at once and a stop lets finish.
             let done = {
-                let exchange = self.exchange(&up, &pool, app, &req, &mut bufs, &closing);
+                let exchange = self.exchange((&up, &pool), app, &req, &mut bufs, &closing, hooks);
                 tokio::pin!(exchange);
                 std::future::poll_fn(|cx| {
                     if let Some(mut scx) = signals.due(cx) {
@@ -559,7 +652,12 @@ impl Ctx {
             };
             match done {
                 None | Some(Exchange::Close) => return End::Closed,
-                Some(Exchange::Hyper) => return End::Hyper(bufs.app),
+                Some(Exchange::Hyper) => {
+                    if let Some(d) = decision {
+                        self.hand_over(d, &mut hh);
+                    }
+                    return End::Hyper(bufs.app);
+                }
                 Some(Exchange::Kept) if req.close => return End::Closed,
                 Some(Exchange::Kept) => {}
             }
@@ -570,27 +668,34 @@ impl Ctx {
     /// response; `bufs.app` starts with the request and loses it once it is sent.
     async fn exchange(
         &self,
-        up: &Arc<Upstream>,
-        pool: &Arc<Pool>,
+        (up, pool): (&Arc<Upstream>, &Arc<Pool>),
         app: &mut AppConn,
         req: &Request,
         bufs: &mut Bufs,
         closing: &AtomicBool,
+        hooks: Option<Hooks<'_>>,
     ) -> Exchange {
         let name = up.config.name.as_str();
         let timeout = self.st.config.request_timeout();
         let deadline = Instant::now() + timeout;
         pool.budget.deposit();
-        let attempts = if req.retryable {
+        // The body's bytes already read with the head go up with the head.
+        let in_buf = in_buf(req, &bufs.app);
+        bufs.out
+            .extend_from_slice(&bufs.app[req.head_len..req.head_len + in_buf]);
+        // A request a plugin marked retryable can be sent again when its whole body
+        // came with the head and is within `buffer_body` (as on hyper's path, where
+        // such a body is collected first).
+        let marked = hooks.is_some_and(|h| h.d.retryable)
+            && in_buf as u64 == req.body_len
+            && req.body_len <= pool.retry.buffer_body;
+        let attempts = if req.retryable || marked {
             pool.retry.attempts.max(1)
         } else {
             1
         };
-        // The body's bytes already read with the head go up with the head.
-        let in_buf = ((bufs.app.len() - req.head_len) as u64).min(req.body_len) as usize;
-        bufs.out
-            .extend_from_slice(&bufs.app[req.head_len..req.head_len + in_buf]);
-        let mut try_no = 0;
+        let local = |try_no: u32| hooks.map(|h| (h, name, try_no));
+        let mut try_no: u32 = 0;
         let (mut conn, resp, sent) = loop {
             try_no += 1;
             let last_try = try_no >= attempts;
@@ -608,9 +713,8 @@ impl Ctx {
                             app,
                             req,
                             &mut bufs.app,
-                            in_buf,
-                            StatusCode::GATEWAY_TIMEOUT,
-                            &text,
+                            Early::text(StatusCode::GATEWAY_TIMEOUT, text),
+                            local(try_no),
                         )
                         .await;
                 }
@@ -618,11 +722,13 @@ impl Ctx {
                 Ok(Err(TryError::AppGone)) => return Exchange::Close,
                 Ok(Err(TryError::Connect(e))) => {
                     let (status, text) = self.failure(up, &e);
-                    return self.answer(app, req, &mut bufs.app, in_buf, status, &text).await;
+                    let early = Early::text(status, text);
+                    return self.answer(app, req, &mut bufs.app, early, local(try_no)).await;
                 }
                 Ok(Err(TryError::Reset(e))) if last_try => {
                     let (status, text) = self.failure(up, &SendError::Io(e));
-                    return self.answer(app, req, &mut bufs.app, in_buf, status, &text).await;
+                    let early = Early::text(status, text);
+                    return self.answer(app, req, &mut bufs.app, early, local(try_no)).await;
                 }
                 Ok(Err(TryError::Reset(e))) => {
                     tracing::debug!(listener = %self.st.config.name, upstream = %name, error = %e, "request reset upstream");
@@ -646,15 +752,30 @@ impl Ctx {
             };
             if !self.may_retry(pool, reason) {
                 let (status, text) = budget_spent(name, reason);
-                return self.answer(app, req, &mut bufs.app, in_buf, status, &text).await;
+                let early = Early::text(status, text);
+                return self.answer(app, req, &mut bufs.app, early, local(try_no)).await;
             }
         };
         bufs.app.advance(req.head_len + in_buf);
         let status = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY);
-        conn.info()
-            .endpoint
+        let endpoint = &conn.info().endpoint;
+        endpoint
             .http_duration(&self.shared.metrics)
             .observe(sent.elapsed());
+        if let Some(h) = hooks
+            && h.d.wants_responses()
+        {
+            let answered = Answered {
+                method: &h.head.method,
+                path: &h.head.path,
+                upstream: name,
+                endpoint: Some(&endpoint.config.address),
+                status: resp.status,
+                source: ResponseSource::Upstream,
+                attempts: try_no,
+            };
+            self.edit_response_head(&mut bufs.head, h.d, &answered);
+        }
         self.st.http_requests(&self.shared.metrics, status).inc();
         if closing.load(Ordering::Relaxed) && !req.close && resp.framing != Framing::UntilClose {
             // The listener is stopping: the app learns that this connection ends.
@@ -802,26 +923,46 @@ impl Ctx {
         }
     }
 
-    /// A local answer on the fast path (what [`super::local`] makes on hyper's); the
-    /// request (its head and the body bytes read with it) leaves `read`.
+    /// A local answer on the fast path (what [`super::local`] makes on hyper's, or a
+    /// plugin's), after the `on-response` hooks when plugins saw the request (`hooks`:
+    /// theirs, the upstream's name and the tries sent); the request (its head and the
+    /// body bytes read with it) leaves `read`.
     async fn answer(
         &self,
         app: &mut AppConn,
         req: &Request,
         read: &mut BytesMut,
-        in_buf: usize,
-        status: StatusCode,
-        text: &str,
+        mut early: Early,
+        hooks: Option<(Hooks<'_>, &str, u32)>,
     ) -> Exchange {
-        read.advance(req.head_len + in_buf);
+        read.advance(req.head_len + in_buf(req, read));
+        if let Some((h, upstream, attempts)) = hooks
+            && h.d.wants_responses()
+        {
+            let answered = Answered {
+                method: &h.head.method,
+                path: &h.head.path,
+                upstream,
+                endpoint: None,
+                status: early.status.as_u16(),
+                source: early.source,
+                attempts,
+            };
+            self.response_hooks(h.d, &answered, &mut early.headers);
+        }
+        let status = early.status;
         self.st.http_requests(&self.shared.metrics, status).inc();
-        let mut head = Vec::with_capacity(160 + text.len());
+        let mut head = Vec::with_capacity(160 + early.body.len());
         head.extend_from_slice(b"HTTP/1.1 ");
         head.extend_from_slice(status.as_str().as_bytes());
         head.push(b' ');
         head.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-        head.extend_from_slice(b"\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ");
-        head.extend_from_slice(itoa::Buffer::new().format(text.len()).as_bytes());
+        head.extend_from_slice(b"\r\n");
+        for (name, value) in &early.headers {
+            write_field(&mut head, name.as_str(), value.as_bytes());
+        }
+        head.extend_from_slice(b"content-length: ");
+        head.extend_from_slice(itoa::Buffer::new().format(early.body.len()).as_bytes());
         // A body that was not relayed is still on the connection: it cannot go on.
         let unread = req.body_len > 0;
         if req.close || unread {
@@ -830,13 +971,127 @@ impl Ctx {
         head.extend_from_slice(b"\r\n\r\n");
         // The answer to HEAD has the length of the text but not the text.
         if !req.head_method {
-            head.extend_from_slice(text.as_bytes());
+            head.extend_from_slice(&early.body);
         }
         if app.write_all(&head).await.is_err() || unread {
             return Exchange::Close;
         }
         Exchange::Kept
     }
+
+    /// After `on-request`: a plugin's answer, or the upstream and pool the request
+    /// goes to, with its head for the upstream written into `bufs.out`.
+    async fn route(&self, req: &Request, hh: &mut HookHead, app: &mut AppConn, bufs: &mut Bufs) -> Routed {
+        let mut d = self.request_hooks(&hh.method, &hh.path, hh.authority.as_deref(), &mut hh.headers);
+        let listener_upstream = self.st.config.upstream.as_str();
+        let found = match d.early.take() {
+            Some(early) => Err(early),
+            None => {
+                let (name, tag, by) = d.target(listener_upstream);
+                self.upstream_for(name, tag, by)
+                    .map_err(|(status, text)| Early::text(status, text))
+                    .map(|up| {
+                        let pool = up.http_pool(tag);
+                        (up, pool)
+                    })
+            }
+        };
+        let (up, pool) = match found {
+            Ok(found) => found,
+            Err(early) => {
+                let name = d.target(listener_upstream).0;
+                let hooks = Hooks { d: &d, head: hh };
+                let done = self
+                    .answer(app, req, &mut bufs.app, early, Some((hooks, name, 0)))
+                    .await;
+                return Routed::Answered(done);
+            }
+        };
+        // An HTTP/2 upstream, or one whose authority is unusable, is hyper's to
+        // serve (and to answer for).
+        let Some(host) = pool.host().filter(|_| !pool.is_h2()) else {
+            return Routed::Hyper(d);
+        };
+        write_request_head(&mut bufs.out, hh, host.as_bytes());
+        Routed::Go(d, up, pool)
+    }
+
+    /// Gives hyper the request whose hooks ran here, with the plugins' edits.
+    fn hand_over(&self, decision: Decision, hh: &mut HookHead) {
+        let prepared = Prepared {
+            decision,
+            headers: std::mem::take(&mut hh.headers),
+        };
+        *self
+            .prepared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(prepared);
+    }
+
+    /// Runs `on-response` over a response head that [`parse_response`] wrote, and
+    /// writes it again with the plugins' edits. The fields that frame or close the
+    /// connection (`transfer-encoding`, `connection`) are the host's: the plugins do
+    /// not see them, and they stay as they were.
+    fn edit_response_head(&self, head: &mut Vec<u8>, d: &Decision, answered: &Answered<'_>) {
+        // `parse_response` writes at most three fields of its own.
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS + 3];
+        let mut parsed = httparse::Response::new(&mut fields);
+        let Ok(httparse::Status::Complete(_)) = parsed.parse(head) else {
+            return;
+        };
+        let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+        let mut kept: Vec<&httparse::Header<'_>> = Vec::new();
+        for f in parsed.headers.iter() {
+            if hop_by_hop(f.name) {
+                kept.push(f);
+                continue;
+            }
+            match (
+                HeaderName::from_bytes(f.name.as_bytes()),
+                HeaderValue::from_bytes(f.value),
+            ) {
+                (Ok(name), Ok(value)) => {
+                    headers.append(name, value);
+                }
+                // Not a field hyper's types can hold: it stays, unseen by the hooks.
+                _ => kept.push(f),
+            }
+        }
+        self.response_hooks(d, answered, &mut headers);
+        let mut out = Vec::with_capacity(head.len() + 64);
+        let line_end = head.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
+        out.extend_from_slice(&head[..line_end + 2]);
+        for (name, value) in &headers {
+            write_field(&mut out, name.as_str(), value.as_bytes());
+        }
+        for f in kept {
+            write_field(&mut out, f.name, f.value);
+        }
+        out.extend_from_slice(b"\r\n");
+        *head = out;
+    }
+}
+
+/// The body bytes of `req` already in `read` behind its head.
+fn in_buf(req: &Request, read: &[u8]) -> usize {
+    ((read.len() - req.head_len) as u64).min(req.body_len) as usize
+}
+
+/// The plugins' part in one exchange.
+#[derive(Clone, Copy)]
+struct Hooks<'a> {
+    d: &'a Decision,
+    head: &'a HookHead,
+}
+
+/// Where [`Ctx::route`] left a request.
+enum Routed {
+    /// To this upstream, through this pool.
+    Go(Decision, Arc<Upstream>, Arc<Pool>),
+    /// Answered here (by a plugin, or with the host's 502 for a route to nowhere).
+    Answered(Exchange),
+    /// To hyper, with the plugins' decision.
+    Hyper(Decision),
 }
 
 /// `fut`, given `idle` (the listener's `idle_timeout`) at most when there is one.
@@ -855,8 +1110,43 @@ mod tests {
 
     fn req(text: &str) -> (Parsed, String) {
         let mut out = Vec::new();
-        let p = parse_request(text.as_bytes(), b"up.example:8443", &mut out);
+        let sink = Sink::Wire {
+            host: b"up.example:8443",
+            out: &mut out,
+        };
+        let p = parse_request(text.as_bytes(), sink);
         (p, String::from_utf8(out).unwrap_or_default())
+    }
+
+    #[test]
+    fn plugins_see_the_head_as_hypers_path_gives_it_and_their_edits_go_upstream() {
+        let mut hh = HookHead::default();
+        let text = "POST /a?b=1 HTTP/1.1\r\nHost: localhost:8080\r\nConnection: X-Secret\r\nX-Secret: 1\r\nX-App: one\r\nx-app: two\r\nContent-Length: 2\r\n\r\nhi";
+        let Parsed::Ready(r) = parse_request(text.as_bytes(), Sink::Hooks(&mut hh)) else {
+            panic!("not taken")
+        };
+        assert_eq!((r.body_len, r.retryable), (2, false));
+        assert_eq!((hh.method.as_str(), hh.path.as_str()), ("POST", "/a?b=1"));
+        assert_eq!(hh.authority.as_deref(), Some("localhost:8080"));
+        let seen: Vec<String> = hh
+            .headers
+            .iter()
+            .map(|(n, v)| format!("{n}={}", String::from_utf8_lossy(v.as_bytes())))
+            .collect();
+        assert_eq!(seen, ["x-app=one", "x-app=two", "content-length=2"]);
+        hh.headers.insert("x-added", HeaderValue::from_static("yes"));
+        let mut out = Vec::new();
+        write_request_head(&mut out, &hh, b"up.example:8443");
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "POST /a?b=1 HTTP/1.1\r\nhost: up.example:8443\r\nx-app: one\r\nx-app: two\r\ncontent-length: 2\r\nx-added: yes\r\nvia: 1.1 wasmbassador\r\n\r\n"
+        );
+        // A control byte in a value is hyper's to answer (with a 400).
+        let bad = "GET / HTTP/1.1\r\nX-Bad: a\x01b\r\n\r\n";
+        assert!(matches!(
+            parse_request(bad.as_bytes(), Sink::Hooks(&mut hh)),
+            Parsed::Unusual
+        ));
     }
 
     #[test]

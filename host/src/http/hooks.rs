@@ -1,6 +1,9 @@
 //! The per-request plugin hooks of an `http` listener: `on-request` in the listener's
 //! `plugins` order before the upstream is chosen, `on-response` in reverse order before
-//! the response head goes to the application.
+//! the response head goes to the application. Both paths use them: hyper's
+//! ([`Ctx::with_plugins`]) and the HTTP/1.1 fast path (`fast.rs`), which hands a
+//! request whose hooks already ran over to hyper as a [`Prepared`] when it cannot
+//! carry it itself, so that no hook sees a request twice.
 //!
 //! Header edits are applied to the real header map between plugins, so each plugin
 //! sees the edits of those before it. Edits that would change how the message is
@@ -12,12 +15,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use super::{Body, Ctx, Plan, Trace, local};
+use super::{Body, Ctx, Plan, Trace};
 use crate::config::OnError;
 use crate::plugin::packed::{RequestArgs, RequestHead, ResponseArgs, ResponseHead};
 use crate::plugin::{HeaderEdit, Loaded, LocalResponse, RequestAction, ResponseSource, RouteTarget};
@@ -27,15 +30,224 @@ fn reserved(name: &HeaderName) -> bool {
     name == HOST || name == CONTENT_LENGTH || super::headers::is_hop_by_hop(name)
 }
 
+/// A local answer made before any upstream was asked: a plugin's own, or the host's
+/// when a plugin failed and its policy is `deny`.
+pub(super) struct Early {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub source: ResponseSource,
+}
+
+impl Early {
+    /// The host's plain-text answer (what [`super::local`] makes).
+    pub fn text(status: StatusCode, text: String) -> Self {
+        let mut headers = HeaderMap::with_capacity(1);
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        Early {
+            status,
+            headers,
+            body: Bytes::from(text),
+            source: ResponseSource::Host,
+        }
+    }
+
+    fn into_response(self) -> Response<Body> {
+        let mut resp = Response::new(Either::Right(Full::new(self.body)));
+        *resp.status_mut() = self.status;
+        *resp.headers_mut() = self.headers;
+        resp
+    }
+}
+
+/// What a listener's `on-request` hooks decided for one request.
+pub(super) struct Decision {
+    /// The chain the request met: the listener's plugins as loaded when it came.
+    pub chain: Arc<[Arc<Loaded>]>,
+    /// How many of `chain` ran; `on-response` runs for those only.
+    pub reached: usize,
+    /// The last route a plugin chose, and that plugin's name.
+    pub route: Option<(RouteTarget, String)>,
+    /// A plugin marked the request retryable.
+    pub retryable: bool,
+    /// The answer, when a plugin (or its failure) ended the chain.
+    pub early: Option<Early>,
+    /// When the request head was in.
+    pub started: Instant,
+}
+
+impl Decision {
+    /// The plugins whose `on-response` may run.
+    pub fn ran(&self) -> &[Arc<Loaded>] {
+        &self.chain[..self.reached]
+    }
+
+    /// Whether any plugin that ran wants to see the response.
+    pub fn wants_responses(&self) -> bool {
+        self.ran().iter().any(|p| p.wants_responses())
+    }
+
+    /// Where the request goes: upstream, endpoint tag, and the plugin that chose.
+    pub fn target<'a>(&'a self, listener_upstream: &'a str) -> (&'a str, Option<&'a str>, Option<&'a str>) {
+        match &self.route {
+            None => (listener_upstream, None, None),
+            Some((RouteTarget::Upstream(name), by)) => (name.as_str(), None, Some(by.as_str())),
+            Some((RouteTarget::Tag(tag), by)) => (listener_upstream, Some(tag.as_str()), Some(by.as_str())),
+        }
+    }
+}
+
+/// A request whose `on-request` hooks ran on the fast path, handed to hyper with the
+/// connection: hyper's first request on it is this one, and takes this decision and
+/// these (edited) fields instead of running the hooks again.
+pub(super) struct Prepared {
+    pub decision: Decision,
+    pub headers: HeaderMap,
+}
+
+/// The facts of a response that `on-response` sees besides its fields.
+pub(super) struct Answered<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub upstream: &'a str,
+    pub endpoint: Option<&'a str>,
+    pub status: u16,
+    pub source: ResponseSource,
+    pub attempts: u32,
+}
+
 impl Ctx {
-    /// Serves one request through the listener's plugins.
-    pub(super) async fn with_plugins(&self, req: Request<Incoming>) -> Response<Body> {
-        let started = Instant::now();
-        let chain: Arc<[Arc<Loaded>]> = self
-            .st
+    /// The listener's plugins as loaded now.
+    fn chain(&self) -> Arc<[Arc<Loaded>]> {
+        self.st
             .chain
             .current(&self.shared.plugins, &self.st.config.plugins)
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// Runs `on-request` in chain order over a request whose hop-by-hop fields and
+    /// `Host` are gone from `headers` (the authority is passed apart); the plugins'
+    /// edits are applied to `headers`.
+    pub(super) fn request_hooks(
+        &self,
+        method: &str,
+        path: &str,
+        authority: Option<&str>,
+        headers: &mut HeaderMap,
+    ) -> Decision {
+        let started = Instant::now();
+        let chain = self.chain();
+        let listener_upstream = self.st.config.upstream.as_str();
+        let listener = self.st.config.name.as_str();
+        let client_addr = self
+            .client_addr
+            .get_or_init(|| crate::plugin::addr_text(self.peer))
+            .as_str();
+        // Where the request goes as the plugins see it: the listener's upstream until
+        // a plugin routes it to another.
+        let mut upstream_seen = std::borrow::Cow::Borrowed(listener_upstream);
+        let mut args = RequestArgs::default();
+        let mut route: Option<(RouteTarget, String)> = None;
+        let mut retryable = false;
+        let mut reached = 0;
+        let mut early: Option<Early> = None;
+        for p in chain.iter() {
+            reached += 1;
+            if !p.wants_requests() {
+                continue;
+            }
+            let head = RequestHead {
+                listener,
+                client_addr,
+                method,
+                path,
+                authority,
+                headers,
+                upstream: &upstream_seen,
+            };
+            let failed = match p.on_request(&head, &mut args) {
+                Ok(RequestAction::Forward(f)) => {
+                    if !f.headers.is_empty() {
+                        apply_header_edits(headers, f.headers, p.name(), "request");
+                        args.clear();
+                    }
+                    if let Some(target) = f.route {
+                        if let RouteTarget::Upstream(name) = &target {
+                            upstream_seen = std::borrow::Cow::Owned(name.clone());
+                            args.clear();
+                        }
+                        route = Some((target, p.name().to_string()));
+                    }
+                    retryable |= f.retryable;
+                    continue;
+                }
+                Ok(RequestAction::Respond(r)) => match local_response(r, p.name()) {
+                    Ok(answer) => {
+                        early = Some(answer);
+                        break;
+                    }
+                    Err(why) => why,
+                },
+                Err(e) => format!("plugin {} failed ({})", p.name(), e.kind()),
+            };
+            if p.on_error() == OnError::Deny {
+                tracing::warn!(listener = %self.st.config.name, plugin = %p.name(), "request refused: {failed}");
+                early = Some(Early::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("wasmbassador: {failed}\n"),
+                ));
+                break;
+            }
+        }
+        Decision {
+            chain,
+            reached,
+            route,
+            retryable,
+            early,
+            started,
+        }
+    }
+
+    /// Runs `on-response` in reverse chain order over the plugins `d` reached; their
+    /// edits are applied to `headers`.
+    pub(super) fn response_hooks(&self, d: &Decision, a: &Answered<'_>, headers: &mut HeaderMap) {
+        let duration_ns = d.started.elapsed().as_nanos() as u64;
+        let mut args = ResponseArgs::default();
+        for p in d.ran().iter().rev() {
+            let head = ResponseHead {
+                listener: &self.st.config.name,
+                method: a.method,
+                path: a.path,
+                upstream: a.upstream,
+                endpoint: a.endpoint,
+                status: a.status,
+                headers,
+                source: a.source,
+                duration_ns,
+                attempts: a.attempts,
+            };
+            let edits = p.on_response(&head, &mut args);
+            if !edits.is_empty() {
+                apply_header_edits(headers, edits, p.name(), "response");
+                args.clear();
+            }
+        }
+    }
+
+    /// The request the fast path prepared, if it handed one over.
+    fn take_prepared(&self) -> Option<Prepared> {
+        self.prepared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// Serves one request through the listener's plugins.
+    pub(super) async fn with_plugins(&self, req: Request<Incoming>) -> Response<Body> {
         let listener_upstream = self.st.config.upstream.as_str();
         if super::headers::wants_upgrade(&req) {
             // The hooks see requests and responses; an upgraded connection is neither.
@@ -57,88 +269,31 @@ impl Ctx {
                 .map(str::to_string)
         });
         parts.headers.remove(HOST);
-        let listener = self.st.config.name.as_str();
-        let client_addr = self
-            .client_addr
-            .get_or_init(|| crate::plugin::addr_text(self.peer))
-            .as_str();
         // Kept for `on-response` (the request moves upstream); clones of these share
         // their bytes with the request.
         let method = parts.method.clone();
         let path_and_query = parts.uri.path_and_query().cloned();
         let path = path_and_query.as_ref().map_or("/", |p| p.as_str());
-        // Where the request goes as the plugins see it: the listener's upstream until
-        // a plugin routes it to another.
-        let mut upstream_seen = std::borrow::Cow::Borrowed(listener_upstream);
-        let mut args = RequestArgs::default();
-        let mut route: Option<(RouteTarget, String)> = None;
-        let mut retryable = false;
-        let mut reached = 0;
-        let mut early: Option<(Response<Body>, ResponseSource)> = None;
-        for p in chain.iter() {
-            reached += 1;
-            if !p.wants_requests() {
-                continue;
+        let mut decision = match self.take_prepared() {
+            Some(p) => {
+                parts.headers = p.headers;
+                p.decision
             }
-            let head = RequestHead {
-                listener,
-                client_addr,
-                method: method.as_str(),
-                path,
-                authority: authority.as_deref(),
-                headers: &parts.headers,
-                upstream: &upstream_seen,
-            };
-            let failed = match p.on_request(&head, &mut args) {
-                Ok(RequestAction::Forward(f)) => {
-                    if !f.headers.is_empty() {
-                        apply_header_edits(&mut parts.headers, f.headers, p.name(), "request");
-                        args.clear();
-                    }
-                    if let Some(target) = f.route {
-                        if let RouteTarget::Upstream(name) = &target {
-                            upstream_seen = std::borrow::Cow::Owned(name.clone());
-                            args.clear();
-                        }
-                        route = Some((target, p.name().to_string()));
-                    }
-                    retryable |= f.retryable;
-                    continue;
-                }
-                Ok(RequestAction::Respond(r)) => match local_response(r, p.name()) {
-                    Ok(resp) => {
-                        early = Some((resp, ResponseSource::Plugin));
-                        break;
-                    }
-                    Err(why) => why,
-                },
-                Err(e) => format!("plugin {} failed ({})", p.name(), e.kind()),
-            };
-            if p.on_error() == OnError::Deny {
-                tracing::warn!(listener = %self.st.config.name, plugin = %p.name(), "request refused: {failed}");
-                early = Some((
-                    local(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("wasmbassador: {failed}\n"),
-                    ),
-                    ResponseSource::Host,
-                ));
-                break;
-            }
-        }
-        let (upstream, tag, routed_by) = match &route {
-            None => (listener_upstream, None, None),
-            Some((RouteTarget::Upstream(name), by)) => (name.as_str(), None, Some(by.as_str())),
-            Some((RouteTarget::Tag(tag), by)) => (listener_upstream, Some(tag.as_str()), Some(by.as_str())),
+            None => self.request_hooks(method.as_str(), path, authority.as_deref(), &mut parts.headers),
         };
+        let early = decision.early.take();
+        let (upstream, tag, routed_by) = decision.target(listener_upstream);
         let mut trace = Trace::default();
         let (resp, source) = match early {
-            Some(pair) => pair,
+            Some(e) => {
+                let source = e.source;
+                (e.into_response(), source)
+            }
             None => {
                 let plan = Plan {
                     upstream,
                     tag,
-                    retryable,
+                    retryable: decision.retryable,
                     routed_by,
                 };
                 let resp = self
@@ -152,33 +307,20 @@ impl Ctx {
                 (resp, source)
             }
         };
-        let ran = &chain[..reached];
-        if !ran.iter().any(|p| p.wants_responses()) {
+        if !decision.wants_responses() {
             return resp;
         }
         let (mut resp_parts, body) = resp.into_parts();
-        let endpoint = trace.endpoint.as_ref().map(|e| e.config.address.as_str());
-        let duration_ns = started.elapsed().as_nanos() as u64;
-        let mut args = ResponseArgs::default();
-        for p in ran.iter().rev() {
-            let head = ResponseHead {
-                listener,
-                method: method.as_str(),
-                path,
-                upstream,
-                endpoint,
-                status: resp_parts.status.as_u16(),
-                headers: &resp_parts.headers,
-                source,
-                duration_ns,
-                attempts: trace.attempts,
-            };
-            let edits = p.on_response(&head, &mut args);
-            if !edits.is_empty() {
-                apply_header_edits(&mut resp_parts.headers, edits, p.name(), "response");
-                args.clear();
-            }
-        }
+        let answered = Answered {
+            method: method.as_str(),
+            path,
+            upstream,
+            endpoint: trace.endpoint.as_ref().map(|e| e.config.address.as_str()),
+            status: resp_parts.status.as_u16(),
+            source,
+            attempts: trace.attempts,
+        };
+        self.response_hooks(&decision, &answered, &mut resp_parts.headers);
         Response::from_parts(resp_parts, body)
     }
 }
@@ -231,7 +373,7 @@ pub fn apply_header_edits(headers: &mut HeaderMap, edits: Vec<HeaderEdit>, plugi
 }
 
 /// A plugin's local answer, or why it cannot be sent (counted as the plugin failing).
-fn local_response(r: LocalResponse, plugin: &str) -> Result<Response<Body>, String> {
+fn local_response(r: LocalResponse, plugin: &str) -> Result<Early, String> {
     let status = StatusCode::from_u16(r.status)
         .ok()
         .filter(|s| (200..=599).contains(&s.as_u16()))
@@ -241,9 +383,13 @@ fn local_response(r: LocalResponse, plugin: &str) -> Result<Response<Body>, Stri
                 r.status
             )
         })?;
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(r.body))));
-    *resp.status_mut() = status;
+    let mut headers = HeaderMap::new();
     let edits = r.headers.into_iter().map(HeaderEdit::Append).collect();
-    apply_header_edits(resp.headers_mut(), edits, plugin, "local response");
-    Ok(resp)
+    apply_header_edits(&mut headers, edits, plugin, "local response");
+    Ok(Early {
+        status,
+        headers,
+        body: Bytes::from(r.body),
+        source: ResponseSource::Plugin,
+    })
 }

@@ -83,6 +83,7 @@ pub async fn serve(
         peer,
         client_addr: std::sync::OnceLock::new(),
         activity: activity.clone(),
+        prepared: std::sync::Mutex::new(None),
     });
     let bytes = ctx.st.conn_metrics(&ctx.shared).bytes.clone();
     let service_ctx = ctx.clone();
@@ -107,13 +108,11 @@ pub async fn serve(
         activity: activity.clone(),
         replay: bytes::BytesMut::new(),
     };
-    // Without plugins, requests take the fast path while they suit it; from the
-    // first one that does not, hyper serves the connection.
-    if ctx.st.config.plugins.is_empty() {
-        match ctx.serve_fast(&mut app, &stop, &hard_stop).await {
-            fast::End::Closed => return,
-            fast::End::Hyper(read) => app.replay = read,
-        }
+    // Requests take the fast path while they suit it; from the first one that does
+    // not, hyper serves the connection.
+    match ctx.serve_fast(&mut app, &stop, &hard_stop).await {
+        fast::End::Closed => return,
+        fast::End::Hyper(read) => app.replay = read,
     }
     let io = TokioIo::new(app);
     // Upgrades (WebSocket) hand the connection to `upgrade`, which then owns it.
@@ -249,6 +248,9 @@ struct Ctx {
     client_addr: std::sync::OnceLock<String>,
     /// When bytes last moved on the app connection (with an `idle_timeout` only).
     activity: Option<Activity>,
+    /// A request whose hooks ran on the fast path before it handed the connection to
+    /// hyper: hyper's first request, which must not meet the hooks again.
+    prepared: std::sync::Mutex<Option<hooks::Prepared>>,
 }
 
 /// Where a request goes, after the plugins.
@@ -308,29 +310,10 @@ impl Ctx {
                 "wasmbassador: CONNECT is not supported on http listeners\n".into(),
             );
         }
-        let by = |p: Option<&str>| {
-            p.map(|p| format!(" (chosen by plugin {p:?})"))
-                .unwrap_or_default()
+        let up = match self.upstream_for(name, plan.tag, plan.routed_by) {
+            Ok(up) => up,
+            Err((status, text)) => return local(status, text),
         };
-        let Some(up) = self.shared.upstream(name) else {
-            tracing::warn!(listener = %self.st.config.name, upstream = %name, plugin = ?plan.routed_by, "request for an upstream that is not configured");
-            return local(
-                StatusCode::BAD_GATEWAY,
-                format!("wasmbassador: no upstream named {name:?}{}\n", by(plan.routed_by)),
-            );
-        };
-        if let Some(tag) = plan.tag
-            && !up.has_tag(tag)
-        {
-            tracing::warn!(listener = %self.st.config.name, upstream = %name, %tag, plugin = ?plan.routed_by, "request for a tag no endpoint carries");
-            return local(
-                StatusCode::BAD_GATEWAY,
-                format!(
-                    "wasmbassador: no endpoint of upstream {name:?} has tag {tag:?}{}\n",
-                    by(plan.routed_by)
-                ),
-            );
-        }
         if headers::wants_upgrade(&req) {
             return self.upgrade(&up, req).await;
         }
@@ -480,6 +463,41 @@ impl Ctx {
                 return local(status, text);
             }
         }
+    }
+
+    /// The upstream a request is sent to, or the 502 for one that is not configured
+    /// or has no endpoint with `tag` (`routed_by`: the plugin that chose it).
+    fn upstream_for(
+        &self,
+        name: &str,
+        tag: Option<&str>,
+        routed_by: Option<&str>,
+    ) -> Result<Arc<Upstream>, (StatusCode, String)> {
+        let by = || {
+            routed_by
+                .map(|p| format!(" (chosen by plugin {p:?})"))
+                .unwrap_or_default()
+        };
+        let Some(up) = self.shared.upstream(name) else {
+            tracing::warn!(listener = %self.st.config.name, upstream = %name, plugin = ?routed_by, "request for an upstream that is not configured");
+            return Err((
+                StatusCode::BAD_GATEWAY,
+                format!("wasmbassador: no upstream named {name:?}{}\n", by()),
+            ));
+        };
+        if let Some(tag) = tag
+            && !up.has_tag(tag)
+        {
+            tracing::warn!(listener = %self.st.config.name, upstream = %name, %tag, plugin = ?routed_by, "request for a tag no endpoint carries");
+            return Err((
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "wasmbassador: no endpoint of upstream {name:?} has tag {tag:?}{}\n",
+                    by()
+                ),
+            ));
+        }
+        Ok(up)
     }
 
     /// An HTTP/1.1 `Upgrade` (WebSocket): on a connection of its own, never pooled and
