@@ -1,5 +1,5 @@
-//! The HTTP/1.1 fast path: the common exchange of an `http` listener without
-//! plugins, relayed by this module's own small codec instead of hyper's.
+//! The HTTP/1.1 fast path: the common exchange of an `http` listener, relayed by this
+//! module's own small codec instead of hyper's, with or without plugins.
 //!
 //! # Why a codec of our own
 //! Through hyper, a request is parsed into a `HeaderMap`, handed from the server's
@@ -25,6 +25,15 @@
 //! The rules are those of the hyper path: hop-by-hop fields dropped (with those
 //! `Connection` names), `Host` set to the upstream's, `Via` added both ways, the same
 //! pool, retries, budget, timeouts and metrics, and the same local answers.
+//!
+//! # Plugins
+//! On a listener with plugins the head is taken apart into a `HeaderMap` (the form
+//! the hooks take on hyper's path too), `on-request` runs over it, and the head for
+//! the upstream is written from the edited map to the upstream the plugins chose;
+//! `on-response` edits the upstream's response head (or a local answer) before it
+//! goes to the app. A request the plugins send to an upstream that speaks HTTP/2
+//! goes to hyper with their decision ([`super::hooks::Prepared`]) rather than
+//! meeting the hooks again.
 
 use std::future::Future;
 use std::io;

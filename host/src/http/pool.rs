@@ -29,7 +29,7 @@
 //! Whether an upstream speaks HTTP/2 is known from its configuration or learnt from
 //! ALPN on the first connection; that connection is handed to the shared client.
 //!
-//! The fast path of listeners without plugins ([`super::fast`]) speaks HTTP/1.1 on
+//! The fast path of HTTP/1.1 requests ([`super::fast`]) speaks HTTP/1.1 on
 //! bare connections, kept in a second list with the same rules: hyper's connection
 //! state cannot be taken off a connection once made, so each list keeps its own.
 
