@@ -277,6 +277,10 @@ async fn handle(
             while let Some(Ok(_)) = body.frame().await {}
             return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "try again\n"));
         }
+        "/early-413" => {
+            // Refuses the upload from its head alone, without reading the body.
+            return Ok(text(StatusCode::PAYLOAD_TOO_LARGE, "too large\n"));
+        }
         "/ws" => return Ok(websocket_echo(name, req)),
         "/echo" => {
             let mut lines: Vec<String> = req
@@ -1502,6 +1506,36 @@ async fn hello_on_a_new_connection(addr: SocketAddr) {
     let resp = app.send_request(get("/hello")).await.expect("request");
     assert_eq!(resp.status(), StatusCode::OK);
     body_text(resp.into_body()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_refuses_an_upload_midway_gets_its_answer_to_the_app() {
+    let pki = Pki::new();
+    let one = Upstream::start(&pki, "one", &[b"http/1.1"]).await;
+    let amb = start_api(&pki, one.addr, "").await;
+    let addr = listener(&amb, "api");
+    // The app announces 64 MiB, sends 256 KiB of it, and waits: the upstream's 413
+    // must reach it now, not a 502 or a 504 after a body that never comes.
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"POST /early-413 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 67108864\r\n\r\n")
+        .await
+        .expect("head");
+    s.write_all(&vec![b'x'; 256 << 10])
+        .await
+        .expect("part of the body");
+    let answer = until_closed(&mut s, "the answer and a close, with the body unsent").await;
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    for part in [
+        "via: 1.1 wasmbassador\r\n",
+        "connection: close\r\n",
+        "\r\n\r\ntoo large\n",
+    ] {
+        assert!(answer.contains(part), "{part:?} missing:\n{answer}");
+    }
+    assert_eq!(one.hits("/early-413"), 1);
+    // The upstream connection that carried half a body is not used again.
+    hello_on_a_new_connection(addr).await;
+    amb.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

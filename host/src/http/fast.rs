@@ -37,6 +37,7 @@
 
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
@@ -45,12 +46,13 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use http::StatusCode;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::hooks::{Answered, Decision, Early, Prepared};
 use super::pool::{Conn, Pool, SendError};
 use super::{AppConn, Ctx, HEAD_TIMEOUT, MAX_HEAD, Signals, budget_spent, retry, retry_pause};
+use crate::connect::UpstreamIo;
 use crate::plugin::ResponseSource;
 use crate::upstream::Upstream;
 
@@ -105,6 +107,9 @@ struct Response {
     framing: Framing,
     /// The upstream will close this connection after the response.
     upstream_close: bool,
+    /// It came before the request body was all sent: the rest of that body is still
+    /// on the app connection, and the upstream connection cannot be reused.
+    cut: bool,
 }
 
 /// Fields that belong to one connection (RFC 9110 §7.6.1), `Proxy-*` too, and `Host`
@@ -328,6 +333,7 @@ fn parse_response(buf: &[u8], req: &Request, out: &mut Vec<u8>) -> Result<Option
             status,
             framing: Framing::Empty,
             upstream_close: false,
+            cut: false,
         }));
     }
     let mut length: Option<u64> = None;
@@ -390,6 +396,7 @@ fn parse_response(buf: &[u8], req: &Request, out: &mut Vec<u8>) -> Result<Option
         // An HTTP/1.0 server closes after each response unless it says otherwise.
         upstream_close: connection_has(headers, "close")
             || (resp.version == Some(0) && !connection_has(headers, "keep-alive")),
+        cut: false,
     }))
 }
 
@@ -786,12 +793,19 @@ impl Ctx {
             self.edit_response_head(&mut bufs.head, h.d, &answered);
         }
         self.st.http_requests(&self.shared.metrics, status).inc();
-        if closing.load(Ordering::Relaxed) && !req.close && resp.framing != Framing::UntilClose {
-            // The listener is stopping: the app learns that this connection ends.
+        if (closing.load(Ordering::Relaxed) || resp.cut) && !req.close && resp.framing != Framing::UntilClose
+        {
+            // The listener is stopping, or the app's body was cut short: the app
+            // learns that this connection ends.
             bufs.head.truncate(bufs.head.len() - 2);
             bufs.head.extend_from_slice(b"connection: close\r\n\r\n");
         }
-        match self.relay_body(&mut conn, app, &resp, bufs).await {
+        let relayed = self.relay_body(&mut conn, app, &resp, bufs).await;
+        if resp.cut {
+            linger(app).await;
+            return Exchange::Close;
+        }
+        match relayed {
             Ok(true) => {
                 if !resp.upstream_close && bufs.up.is_empty() {
                     pool.raw_release(conn);
@@ -829,23 +843,28 @@ impl Ctx {
         io.write_all(&bufs.out).await.map_err(TryError::Reset)?;
         // TLS keeps written records until flushed; plain TCP has nothing to flush.
         io.flush().await.map_err(TryError::Reset)?;
-        // The rest of the body streams from the app; a request with a body has one
-        // try, so it is never needed twice.
-        let mut left = req.body_len - in_buf as u64;
-        if left > 0 {
-            let mut chunk = vec![0u8; READ_CHUNK];
-            while left > 0 {
-                let want = left.min(READ_CHUNK as u64) as usize;
-                let n = match tokio::io::AsyncReadExt::read(app, &mut chunk[..want]).await {
-                    Ok(0) | Err(_) => return Err(TryError::AppGone),
-                    Ok(n) => n,
-                };
-                io.write_all(&chunk[..n]).await.map_err(TryError::Reset)?;
-                left -= n as u64;
-            }
-            io.flush().await.map_err(TryError::Reset)?;
-        }
         bufs.up.clear();
+        // The rest of the body streams from the app; a request with a body has one
+        // try, so it is never needed twice. The upstream is heard meanwhile: a final
+        // answer before the body's end (a 413 or 401 mid-upload) ends the upload and
+        // goes to the app, as hyper's client would have it.
+        let left = req.body_len - in_buf as u64;
+        if left > 0 {
+            let mut upload = Upload::new(left);
+            while !upload.run(app, io, &mut bufs.up).await? {
+                match parse_response(&bufs.up, req, &mut bufs.head) {
+                    Ok(Some(mut resp)) => {
+                        bufs.up.advance(resp.head_len);
+                        if resp.status >= 200 {
+                            resp.cut = true;
+                            return Ok(Some((conn, resp)));
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(TryError::Reset(io::Error::other(e))),
+                }
+            }
+        }
         loop {
             if !bufs.up.is_empty() {
                 match parse_response(&bufs.up, req, &mut bufs.head) {
@@ -1078,6 +1097,116 @@ impl Ctx {
         }
         out.extend_from_slice(b"\r\n");
         *head = out;
+    }
+}
+
+/// The rest of a request body on its way from the app to the upstream, which is
+/// listened to all along.
+struct Upload {
+    chunk: Vec<u8>,
+    /// Bytes of `chunk` read from the app, and of those, written upstream.
+    filled: usize,
+    written: usize,
+    /// Bytes still to read from the app.
+    left: u64,
+}
+
+impl Upload {
+    fn new(left: u64) -> Self {
+        Upload {
+            chunk: vec![0u8; READ_CHUNK],
+            filled: 0,
+            written: 0,
+            left,
+        }
+    }
+
+    /// Goes on with the upload: `Ok(true)` when the body is all sent and flushed,
+    /// `Ok(false)` when the upstream said something first (it is in `heard`), to be
+    /// called again unless that is a final answer.
+    async fn run(
+        &mut self,
+        app: &mut AppConn,
+        io: &mut UpstreamIo,
+        heard: &mut BytesMut,
+    ) -> Result<bool, TryError> {
+        std::future::poll_fn(|cx| {
+            loop {
+                heard.reserve(READ_CHUNK);
+                match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, heard) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(TryError::Reset(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "connection closed during the request body",
+                        ))));
+                    }
+                    Poll::Ready(Ok(_)) => return Poll::Ready(Ok(false)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(TryError::Reset(e))),
+                    Poll::Pending => {}
+                }
+                if self.written < self.filled {
+                    match Pin::new(&mut *io).poll_write(cx, &self.chunk[self.written..self.filled]) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Err(TryError::Reset(io::ErrorKind::WriteZero.into())));
+                        }
+                        Poll::Ready(Ok(n)) => {
+                            self.written += n;
+                            continue;
+                        }
+                        Poll::Ready(Err(e)) => {
+                            // An upstream that answered and closed: its answer may
+                            // still be waiting to be read.
+                            return match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, heard) {
+                                Poll::Ready(Ok(n)) if n > 0 => Poll::Ready(Ok(false)),
+                                _ => Poll::Ready(Err(TryError::Reset(e))),
+                            };
+                        }
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                if self.left == 0 {
+                    return Pin::new(&mut *io)
+                        .poll_flush(cx)
+                        .map(|r| r.map(|()| true).map_err(TryError::Reset));
+                }
+                let want = self.left.min(READ_CHUNK as u64) as usize;
+                let mut buf = tokio::io::ReadBuf::new(&mut self.chunk[..want]);
+                match Pin::new(&mut *app).poll_read(cx, &mut buf) {
+                    Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                        self.filled = buf.filled().len();
+                        self.written = 0;
+                        self.left -= self.filled as u64;
+                    }
+                    Poll::Ready(_) => return Poll::Ready(Err(TryError::AppGone)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// How long, at most, the unread rest of a request body is read and dropped after
+/// an early answer, and how long each read may wait.
+const LINGER: Duration = Duration::from_secs(5);
+const LINGER_READ: Duration = Duration::from_secs(1);
+
+/// Closes an app connection whose request body was not read to its end: the write
+/// side first, then what the app still sends is read and dropped for a while.
+/// Closing at once, with bytes unread, would make the kernel reset the connection,
+/// and a reset can destroy the answer before the app reads it (a lingering close,
+/// as nginx and Apache do it).
+async fn linger(app: &mut AppConn) {
+    if app.shutdown().await.is_err() {
+        return;
+    }
+    let until = Instant::now() + LINGER;
+    let mut sink = vec![0u8; READ_CHUNK];
+    while Instant::now() < until {
+        match tokio::time::timeout(LINGER_READ, tokio::io::AsyncReadExt::read(app, &mut sink)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
     }
 }
 
