@@ -278,7 +278,12 @@ async fn handle(
             return Ok(text(StatusCode::SERVICE_UNAVAILABLE, "try again\n"));
         }
         "/early-413" => {
-            // Refuses the upload from its head alone, without reading the body.
+            // Refuses the upload from its head alone, and drops the body in the
+            // background, as nginx discards a refused body: a server that closed with
+            // the body unread would reset the connection, and a reset can destroy
+            // the answer before anyone reads it.
+            let mut body = req.into_body();
+            tokio::spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
             return Ok(text(StatusCode::PAYLOAD_TOO_LARGE, "too large\n"));
         }
         "/ws" => return Ok(websocket_echo(name, req)),

@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::StatusCode;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -286,11 +286,15 @@ fn parse_request(buf: &[u8], sink: Sink<'_>) -> Parsed {
                 .and_then(|h| std::str::from_utf8(h.value).ok())
                 .map(str::to_string);
             hh.headers.clear();
+            // One copy of the head that every field value shares, rather than an
+            // allocation for each.
+            let shared = Bytes::copy_from_slice(&buf[..head_len]);
             for h in passed {
+                let at = h.value.as_ptr() as usize - buf.as_ptr() as usize;
                 // What `HeaderValue` refuses (control bytes) hyper answers with a 400.
                 let (Ok(name), Ok(value)) = (
                     HeaderName::from_bytes(h.name.as_bytes()),
-                    HeaderValue::from_bytes(h.value),
+                    HeaderValue::from_maybe_shared(shared.slice(at..at + h.value.len())),
                 ) else {
                     return Parsed::Unusual;
                 };
@@ -802,13 +806,27 @@ impl Ctx {
         }
         let relayed = self.relay_body(&mut conn, app, &resp, bufs).await;
         if resp.cut {
+            if let Ok(true) = relayed {
+                let _ = within(self.st.config.idle_timeout, app.write_all(&bufs.head)).await;
+            }
             linger(app).await;
             return Exchange::Close;
         }
         match relayed {
             Ok(true) => {
+                // Back in the pool before the app sees the end of the response: an
+                // app that sends its next request on a new connection at once finds
+                // this one there.
                 if !resp.upstream_close && bufs.up.is_empty() {
                     pool.raw_release(conn);
+                } else {
+                    drop(conn);
+                }
+                if within(self.st.config.idle_timeout, app.write_all(&bufs.head))
+                    .await
+                    .is_err()
+                {
+                    return Exchange::Close;
                 }
                 if resp.framing == Framing::UntilClose {
                     Exchange::Close
@@ -894,7 +912,8 @@ impl Ctx {
     }
 
     /// Writes the response head (in `bufs.head`) and relays the body; `Ok(true)`
-    /// when the body came to its end on a connection that can carry another request.
+    /// when the body came to its end on a connection that can carry another request,
+    /// with its last bytes (or the whole response) left in `bufs.head` to write.
     async fn relay_body(
         &self,
         conn: &mut Conn,
@@ -926,6 +945,16 @@ impl Ctx {
                 },
                 Framing::UntilClose => (up.len(), false),
             };
+            if end {
+                // The last bytes wait in `bufs.head` for the caller, who first gives
+                // the upstream connection back (see `exchange`).
+                if !first {
+                    bufs.head.clear();
+                }
+                bufs.head.extend_from_slice(&up[..take]);
+                up.advance(take);
+                return Ok(true);
+            }
             if first {
                 // The head and the body's first bytes in one write.
                 bufs.head.extend_from_slice(&up[..take]);
@@ -935,9 +964,6 @@ impl Ctx {
                 within(idle, app.write_all(&up[..take])).await?;
             }
             up.advance(take);
-            if end {
-                return Ok(true);
-            }
             up.reserve(READ_CHUNK);
             match within(idle, tokio::io::AsyncReadExt::read_buf(io, up)).await {
                 Ok(0) if resp.framing == Framing::UntilClose => {
@@ -1064,7 +1090,10 @@ impl Ctx {
         // `parse_response` writes at most three fields of its own.
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS + 3];
         let mut parsed = httparse::Response::new(&mut fields);
-        let Ok(httparse::Status::Complete(_)) = parsed.parse(head) else {
+        // One copy of the head that every field value shares, rather than an
+        // allocation for each.
+        let shared = Bytes::copy_from_slice(head);
+        let Ok(httparse::Status::Complete(_)) = parsed.parse(&shared) else {
             return;
         };
         let mut headers = HeaderMap::with_capacity(parsed.headers.len());
@@ -1076,7 +1105,7 @@ impl Ctx {
             }
             match (
                 HeaderName::from_bytes(f.name.as_bytes()),
-                HeaderValue::from_bytes(f.value),
+                HeaderValue::from_maybe_shared(shared.slice_ref(f.value)),
             ) {
                 (Ok(name), Ok(value)) => {
                     headers.append(name, value);
@@ -1085,10 +1114,13 @@ impl Ctx {
                 _ => kept.push(f),
             }
         }
-        self.response_hooks(d, answered, &mut headers);
+        if !self.response_hooks(d, answered, &mut headers) {
+            // Seen, not edited: the head stays as it was written.
+            return;
+        }
+        let line_end = shared.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
         let mut out = Vec::with_capacity(head.len() + 64);
-        let line_end = head.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
-        out.extend_from_slice(&head[..line_end + 2]);
+        out.extend_from_slice(&shared[..line_end + 2]);
         for (name, value) in &headers {
             write_field(&mut out, name.as_str(), value.as_bytes());
         }

@@ -213,8 +213,9 @@ impl Ctx {
     }
 
     /// Runs `on-response` in reverse chain order over the plugins `d` reached; their
-    /// edits are applied to `headers`.
-    pub(super) fn response_hooks(&self, d: &Decision, a: &Answered<'_>, headers: &mut HeaderMap) {
+    /// edits are applied to `headers`. Whether any plugin asked for an edit.
+    pub(super) fn response_hooks(&self, d: &Decision, a: &Answered<'_>, headers: &mut HeaderMap) -> bool {
+        let mut edited = false;
         let duration_ns = d.started.elapsed().as_nanos() as u64;
         let mut args = ResponseArgs::default();
         for p in d.ran().iter().rev() {
@@ -234,8 +235,10 @@ impl Ctx {
             if !edits.is_empty() {
                 apply_header_edits(headers, edits, p.name(), "response");
                 args.clear();
+                edited = true;
             }
         }
+        edited
     }
 
     /// The request the fast path prepared, if it handed one over.
