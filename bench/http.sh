@@ -7,7 +7,8 @@
 # - wrk -t2 -c$CLIENTS --latency: requests/s, p50 and p99 latency, proxy CPU per request,
 #   for a plain-text upstream (0 plugins), a TLS upstream (0 plugins) and a TLS upstream
 #   with 3 plugins in wasmbassador's chain (bearer-token, header-router, http-metrics;
-#   three http-stamp test plugins stand in until those are built);
+#   three http-stamp test plugins stand in until those are built), and the floor of any
+#   three-plugin chain: three http-pass test plugins, whose hooks do nothing;
 # - upstream TLS handshakes for $HS_REQUESTS requests each on a new app connection
 #   (wrk -H "Connection: close"), counted from nginx's access log ($connection_requests
 #   = 1 is a new upstream connection): how many connections each proxy opened.
@@ -167,6 +168,25 @@ wait_port "$N_TLS"; wait_port "$N_HS"
 
 # --- wasmbassador -------------------------------------------------------------------------
 W_ADMIN=$(free_port); W_PLAIN=$(free_port); W_TLS=$(free_port); W_TLS3=$(free_port); W_HS=$(free_port)
+W_FLOOR=$(free_port)
+# The floor row: three plugins whose hooks do nothing (when http-pass is built).
+FLOOR_BLOCK=""; FLOOR_PLUGINS=""
+if [ -f "$PLUGIN_DIR/http_pass.wasm" ]; then
+  FLOOR_BLOCK="[[listener]]
+name = \"tls-3-pass\"
+listen = \"127.0.0.1:$W_FLOOR\"
+protocol = \"http\"
+upstream = \"tls\"
+plugins = [\"pass-1\", \"pass-2\", \"pass-3\"]"
+  for n in 1 2 3; do
+    FLOOR_PLUGINS+="[[plugin]]
+name = \"pass-$n\"
+path = \"$PLUGIN_DIR/http_pass.wasm\"
+"
+  done
+else
+  echo "note: http-pass not built in $PLUGIN_DIR; no floor row" >&2
+fi
 cat >"$WORK/wb.toml" <<EOF
 [admin]
 listen = "127.0.0.1:$W_ADMIN"
@@ -186,6 +206,7 @@ listen = "127.0.0.1:$W_TLS3"
 protocol = "http"
 upstream = "tls"
 plugins = $CHAIN_LIST
+$FLOOR_BLOCK
 [[listener]]
 name = "handshakes"
 listen = "127.0.0.1:$W_HS"
@@ -203,6 +224,7 @@ name = "handshakes"
 tls = { ca = "$WORK/ca.pem", server_name = "$SERVER_NAME" }
 endpoint = [{ address = "127.0.0.1:$N_HS" }]
 $CHAIN_PLUGINS
+$FLOOR_PLUGINS
 EOF
 # WB_WORKERS=N runs wasmbassador with `--workers N` (default: one per CPU).
 WB_ARGS=()
@@ -253,7 +275,8 @@ check() { # url [curl args...]
 }
 check "http://127.0.0.1:$N_PLAIN/hello.txt"
 check "https://$SERVER_NAME:$N_TLS/hello.txt" --cacert "$WORK/ca.pem" --resolve "$SERVER_NAME:$N_TLS:127.0.0.1"
-for p in $W_PLAIN $W_TLS $W_TLS3 $W_HS $H_PLAIN $H_TLS $H_HS $H_HS_ALWAYS; do
+FLOOR_PORT=""; [ -n "$FLOOR_BLOCK" ] && FLOOR_PORT=$W_FLOOR
+for p in $W_PLAIN $W_TLS $W_TLS3 $FLOOR_PORT $W_HS $H_PLAIN $H_TLS $H_HS $H_HS_ALWAYS; do
   check "http://127.0.0.1:$p/hello.txt"
 done
 # ... and the chain really ran (its plugins' calls are counted).
@@ -310,6 +333,7 @@ TARGETS=(
   "t_wb3 http://127.0.0.1:$W_TLS3/hello.txt $WB_PID"
   "t_ha http://127.0.0.1:$H_TLS/hello.txt $HA_PID"
 )
+[ -n "$FLOOR_PORT" ] && TARGETS+=("t_wbf http://127.0.0.1:$W_FLOOR/hello.txt $WB_PID")
 echo "warm-up: 1s per target" >&2
 for t in "${TARGETS[@]}"; do
   read -r _ url _ <<<"$t"
@@ -391,7 +415,13 @@ hs_row() { # label "app upstream handshakes resumed rate"
   echo "| $1 | ${a[0]} | ${a[1]} | ${a[2]} | ${a[3]} | ${a[4]} |"
 }
 PROTO="HTTP/1.1"; [ "$UPSTREAM_H2" = 1 ] && PROTO="h2 or HTTP/1.1 by ALPN"
-COST=$(python3 -c "import sys; a,b=sys.argv[1],sys.argv[2]; print('-' if '-' in (a,b) else '%.1f%%' % (100*(1-float(a)/float(b))))" "$(m t_wb3.rps)" "$(m t_wb.rps)")
+cost() { python3 -c "import sys; a,b=sys.argv[1],sys.argv[2]; print('-' if '-' in (a,b) else '%.1f%%' % (100*(1-float(a)/float(b))))" "$1" "$2"; }
+COST=$(cost "$(m t_wb3.rps)" "$(m t_wb.rps)")
+FLOOR_ROW=""; FLOOR_LINE=""
+if [ -n "$FLOOR_PORT" ]; then
+  FLOOR_ROW=$(row "TLS upstream: wasmbassador, 3 × http-pass (the floor)" t_wbf t_direct t_ha)
+  FLOOR_LINE="3 plugins whose hooks do nothing (http-pass) cost $(cost "$(m t_wbf.rps)" "$(m t_wb.rps)"); CPU per request, 0 plugins → 3 × http-pass → 3 plugins: $(m t_wb.cpu) → $(m t_wbf.cpu) → $(m t_wb3.cpu) µs."
+fi
 
 cat <<EOF
 
@@ -404,9 +434,11 @@ $(row "plain-text upstream: HAProxy" p_ha p_direct p_ha)
 $(row "TLS upstream: direct (wrk over https)" t_direct t_direct t_ha)
 $(row "TLS upstream: wasmbassador, 0 plugins" t_wb t_direct t_ha)
 $(row "TLS upstream: wasmbassador, 3 plugins" t_wb3 t_direct t_ha)
+$FLOOR_ROW
 $(row "TLS upstream: HAProxy (ssl verify required)" t_ha t_direct t_ha)
 
 3 plugins ($CHAIN_NAMES) cost $COST of the 0-plugin requests/s on the TLS upstream.
+$FLOOR_LINE
 
 Upstream TLS handshakes for $HS_REQUESTS requests, each on a new app connection (wrk -t$THREADS -c$HS_CLIENTS -H "Connection: close"; counted in nginx's access log: \`\$connection_requests\` = 1 is a new connection, \`\$ssl_session_reused\` = r a resumed session):
 | target | app connections (requests) | requests at the upstream | upstream TLS handshakes | of which resumed | app connections/s |

@@ -1728,6 +1728,7 @@ async fn http_plugins_run_in_order_see_earlier_edits_route_answer_locally_and_fa
         listener_block("trap-deny", "one", r#"plugins = ["trap-request-deny", "c"]"#),
         listener_block("trap-allow", "one", r#"plugins = ["trap-request-allow"]"#),
         listener_block("trap-response", "one", r#"plugins = ["trap-response", "c"]"#),
+        listener_block("pass", "one", r#"plugins = ["pass-1", "pass-2", "pass-3"]"#),
         upstream_block(&pki, "one", &[(one.addr, 0)], ""),
         upstream_block(&pki, "two", &[(two.addr, 0)], ""),
         tagged_upstream(&pki, "pair", &[(one.addr, ""), (two.addr, "canary")]),
@@ -1742,6 +1743,9 @@ async fn http_plugins_run_in_order_see_earlier_edits_route_answer_locally_and_fa
         trap("trap-request-deny", "on_request", "deny"),
         trap("trap-request-allow", "on_request", "allow"),
         trap("trap-response", "on_response", "deny"),
+        plugin_block("pass-1", "http-pass", ""),
+        plugin_block("pass-2", "http-pass", ""),
+        plugin_block("pass-3", "http-pass", ""),
     ])
     .await;
 
@@ -1839,7 +1843,23 @@ async fn http_plugins_run_in_order_see_earlier_edits_route_answer_locally_and_fa
     assert_eq!((status, body.as_str()), (StatusCode::OK, "hello from one\n"));
     assert_eq!(all(&h, "x-chain-response"), ["c"]);
 
+    // Plugins that change nothing leave the exchange as it was, and each of their
+    // hooks runs once per request, three requests on one app connection.
+    let mut app = h1(listener(&amb, "pass")).await;
+    for _ in 0..3 {
+        let resp = app.send_request(get("/hello")).await.expect("response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(header(&resp, "x-server"), "one");
+        assert_eq!(body_text(resp.into_body()).await, "hello from one\n");
+    }
     let shown = amb.shared().metrics.encode();
+    for plugin in ["pass-1", "pass-2", "pass-3"] {
+        for hook in ["on_request", "on_response"] {
+            let sample = format!("wasmbassador_plugin_calls_total{{plugin=\"{plugin}\",hook=\"{hook}\"}}");
+            assert_eq!(metric_value(&shown, &sample), 3.0, "{sample}\n{shown}");
+        }
+    }
+
     for (plugin, hook) in [
         ("a", "on_request"),
         ("a", "on_response"),
