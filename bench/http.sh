@@ -7,8 +7,9 @@
 # - wrk -t2 -c$CLIENTS --latency: requests/s, p50 and p99 latency, proxy CPU per request,
 #   for a plain-text upstream (0 plugins), a TLS upstream (0 plugins) and a TLS upstream
 #   with 3 plugins in wasmbassador's chain (bearer-token, header-router, http-metrics;
-#   three http-stamp test plugins stand in until those are built), and the floor of any
-#   three-plugin chain: three http-pass test plugins, whose hooks do nothing;
+#   three http-stamp test plugins stand in until those are built) on both upstreams, and
+#   three http-pass test plugins on the TLS upstream: six hook calls per request
+#   (on-request and on-response each) that do nothing, the runtime's own cost;
 # - upstream TLS handshakes for $HS_REQUESTS requests each on a new app connection
 #   (wrk -H "Connection: close"), counted from nginx's access log ($connection_requests
 #   = 1 is a new upstream connection): how many connections each proxy opened.
@@ -168,7 +169,7 @@ wait_port "$N_TLS"; wait_port "$N_HS"
 
 # --- wasmbassador -------------------------------------------------------------------------
 W_ADMIN=$(free_port); W_PLAIN=$(free_port); W_TLS=$(free_port); W_TLS3=$(free_port); W_HS=$(free_port)
-W_FLOOR=$(free_port)
+W_FLOOR=$(free_port); W_PLAIN3=$(free_port)
 # The floor row: three plugins whose hooks do nothing (when http-pass is built).
 FLOOR_BLOCK=""; FLOOR_PLUGINS=""
 if [ -f "$PLUGIN_DIR/http_pass.wasm" ]; then
@@ -195,6 +196,12 @@ name = "plain"
 listen = "127.0.0.1:$W_PLAIN"
 protocol = "http"
 upstream = "plain"
+[[listener]]
+name = "plain-3-plugins"
+listen = "127.0.0.1:$W_PLAIN3"
+protocol = "http"
+upstream = "plain"
+plugins = $CHAIN_LIST
 [[listener]]
 name = "tls"
 listen = "127.0.0.1:$W_TLS"
@@ -276,7 +283,7 @@ check() { # url [curl args...]
 check "http://127.0.0.1:$N_PLAIN/hello.txt"
 check "https://$SERVER_NAME:$N_TLS/hello.txt" --cacert "$WORK/ca.pem" --resolve "$SERVER_NAME:$N_TLS:127.0.0.1"
 FLOOR_PORT=""; [ -n "$FLOOR_BLOCK" ] && FLOOR_PORT=$W_FLOOR
-for p in $W_PLAIN $W_TLS $W_TLS3 $FLOOR_PORT $W_HS $H_PLAIN $H_TLS $H_HS $H_HS_ALWAYS; do
+for p in $W_PLAIN $W_PLAIN3 $W_TLS $W_TLS3 $FLOOR_PORT $W_HS $H_PLAIN $H_TLS $H_HS $H_HS_ALWAYS; do
   check "http://127.0.0.1:$p/hello.txt"
 done
 # ... and the chain really ran (its plugins' calls are counted).
@@ -327,6 +334,7 @@ total() { python3 -c 'import sys; v=[int(x) for x in sys.argv[1:] if x not in ("
 TARGETS=(
   "p_direct http://127.0.0.1:$N_PLAIN/hello.txt 0"
   "p_wb http://127.0.0.1:$W_PLAIN/hello.txt $WB_PID"
+  "p_wb3 http://127.0.0.1:$W_PLAIN3/hello.txt $WB_PID"
   "p_ha http://127.0.0.1:$H_PLAIN/hello.txt $HA_PID"
   "t_direct https://127.0.0.1:$N_TLS/hello.txt 0"
   "t_wb http://127.0.0.1:$W_TLS/hello.txt $WB_PID"
@@ -417,10 +425,11 @@ hs_row() { # label "app upstream handshakes resumed rate"
 PROTO="HTTP/1.1"; [ "$UPSTREAM_H2" = 1 ] && PROTO="h2 or HTTP/1.1 by ALPN"
 cost() { python3 -c "import sys; a,b=sys.argv[1],sys.argv[2]; print('-' if '-' in (a,b) else '%.1f%%' % (100*(1-float(a)/float(b))))" "$1" "$2"; }
 COST=$(cost "$(m t_wb3.rps)" "$(m t_wb.rps)")
+PLAIN_COST=$(cost "$(m p_wb3.rps)" "$(m p_wb.rps)")
 FLOOR_ROW=""; FLOOR_LINE=""
 if [ -n "$FLOOR_PORT" ]; then
-  FLOOR_ROW=$(row "TLS upstream: wasmbassador, 3 × http-pass (the floor)" t_wbf t_direct t_ha)
-  FLOOR_LINE="3 plugins whose hooks do nothing (http-pass) cost $(cost "$(m t_wbf.rps)" "$(m t_wb.rps)"); CPU per request, 0 plugins → 3 × http-pass → 3 plugins: $(m t_wb.cpu) → $(m t_wbf.cpu) → $(m t_wb3.cpu) µs."
+  FLOOR_ROW=$(row "TLS upstream: wasmbassador, 3 × http-pass (6 hook calls that do nothing)" t_wbf t_direct t_ha)
+  FLOOR_LINE="3 × http-pass (six hook calls a request, each doing nothing) cost $(cost "$(m t_wbf.rps)" "$(m t_wb.rps)"); proxy CPU per request on the TLS upstream, 0 plugins → 3 plugins → 3 × http-pass: $(m t_wb.cpu) → $(m t_wb3.cpu) → $(m t_wbf.cpu) µs."
 fi
 
 cat <<EOF
@@ -430,6 +439,7 @@ wasmbassador $("$WB" --version | awk '{print $2}') HTTP benchmark, $(date -u +%Y
 |---|---:|---:|---:|---:|---:|---:|---:|
 $(row "plain-text upstream: direct" p_direct p_direct p_ha)
 $(row "plain-text upstream: wasmbassador, 0 plugins" p_wb p_direct p_ha)
+$(row "plain-text upstream: wasmbassador, 3 plugins" p_wb3 p_direct p_ha)
 $(row "plain-text upstream: HAProxy" p_ha p_direct p_ha)
 $(row "TLS upstream: direct (wrk over https)" t_direct t_direct t_ha)
 $(row "TLS upstream: wasmbassador, 0 plugins" t_wb t_direct t_ha)
@@ -437,7 +447,7 @@ $(row "TLS upstream: wasmbassador, 3 plugins" t_wb3 t_direct t_ha)
 $FLOOR_ROW
 $(row "TLS upstream: HAProxy (ssl verify required)" t_ha t_direct t_ha)
 
-3 plugins ($CHAIN_NAMES) cost $COST of the 0-plugin requests/s on the TLS upstream.
+3 plugins ($CHAIN_NAMES) cost $COST of the 0-plugin requests/s on the TLS upstream, $PLAIN_COST on the plain-text one.
 $FLOOR_LINE
 
 Upstream TLS handshakes for $HS_REQUESTS requests, each on a new app connection (wrk -t$THREADS -c$HS_CLIENTS -H "Connection: close"; counted in nginx's access log: \`\$connection_requests\` = 1 is a new connection, \`\$ssl_session_reused\` = r a resumed session):
