@@ -1729,6 +1729,7 @@ async fn http_plugins_run_in_order_see_earlier_edits_route_answer_locally_and_fa
         listener_block("trap-allow", "one", r#"plugins = ["trap-request-allow"]"#),
         listener_block("trap-response", "one", r#"plugins = ["trap-response", "c"]"#),
         listener_block("pass", "one", r#"plugins = ["pass-1", "pass-2", "pass-3"]"#),
+        listener_block("local-204", "one", r#"plugins = ["answer-204"]"#),
         upstream_block(&pki, "one", &[(one.addr, 0)], ""),
         upstream_block(&pki, "two", &[(two.addr, 0)], ""),
         tagged_upstream(&pki, "pair", &[(one.addr, ""), (two.addr, "canary")]),
@@ -1737,6 +1738,7 @@ async fn http_plugins_run_in_order_see_earlier_edits_route_answer_locally_and_fa
         stamp("c", r#"name = "c""#),
         plugin_block("compat", "compat-0-1-3", ""),
         stamp("answer", r#"name = "answer", respond = 401"#),
+        stamp("answer-204", r#"name = "answer-204", respond = 204"#),
         stamp("to-ghost", r#"name = "lost", route_upstream = "ghost""#),
         stamp("to-canary", r#"name = "tagged", route_tag = "canary""#),
         stamp("set-host", r#"name = "sh", set = ["host", "evil.example"]"#),
@@ -1806,6 +1808,30 @@ async fn http_plugins_run_in_order_see_earlier_edits_route_answer_locally_and_fa
     );
     assert_eq!(header_of(&h, "x-source-a"), "plugin");
     assert_eq!(one.hits("/echo"), hits_before, "the upstream never heard of it");
+
+    // A refusal of a POST whose small body came with its head leaves the connection
+    // usable; a local 204 carries no body, whatever the plugin gave it, so the next
+    // answer on the connection is read whole.
+    let mut app = h1(listener(&amb, "local")).await;
+    let hi = || Full::new(Bytes::from_static(b"hi")).boxed();
+    for req in [post("/echo", hi()), get("/echo")] {
+        let resp = app
+            .send_request(req)
+            .await
+            .expect("answered on the same connection");
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(body_text(resp.into_body()).await, "answer says 401\n");
+    }
+    let mut app = h1(listener(&amb, "local-204")).await;
+    for _ in 0..2 {
+        let resp = app
+            .send_request(get("/echo"))
+            .await
+            .expect("answered on the same connection");
+        assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+        assert_eq!(header(&resp, "content-length"), "");
+        assert_eq!(body_text(resp.into_body()).await, "");
+    }
 
     // A route to an upstream that does not exist: 502 naming the plugin.
     let (status, h, body) = send(listener(&amb, "lost"), get("/echo")).await;

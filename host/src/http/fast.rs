@@ -276,6 +276,11 @@ fn parse_request(buf: &[u8], sink: Sink<'_>) -> Parsed {
             out.extend_from_slice(b"via: 1.1 wasmbassador\r\n\r\n");
         }
         Sink::Hooks(hh) => {
+            // A target `http::Uri` refuses (httparse lets `<`, `>` and a backtick
+            // through) is hyper's to answer, before any plugin sees it.
+            if http::uri::PathAndQuery::try_from(path).is_err() {
+                return Parsed::Unusual;
+            }
             hh.method.clear();
             hh.method.push_str(method);
             hh.path.clear();
@@ -869,18 +874,34 @@ impl Ctx {
         let left = req.body_len - in_buf as u64;
         if left > 0 {
             let mut upload = Upload::new(left);
+            // A success heard during the upload: it is relayed once the body is all
+            // sent (a full-duplex server may answer 200 and go on reading).
+            let mut early = None;
             while !upload.run(app, io, &mut bufs.up).await? {
-                match parse_response(&bufs.up, req, &mut bufs.head) {
-                    Ok(Some(mut resp)) => {
-                        bufs.up.advance(resp.head_len);
-                        if resp.status >= 200 {
-                            resp.cut = true;
-                            return Ok(Some((conn, resp)));
+                loop {
+                    match parse_response(&bufs.up, req, &mut bufs.head) {
+                        Ok(Some(mut resp)) => {
+                            bufs.up.advance(resp.head_len);
+                            if resp.status < 200 {
+                                // Interim: what follows it may be the final answer.
+                                continue;
+                            }
+                            if resp.status >= 400 {
+                                // A refusal: the rest of the body is not wanted.
+                                resp.cut = true;
+                                return Ok(Some((conn, resp)));
+                            }
+                            upload.deaf = true;
+                            early = Some(resp);
                         }
+                        Ok(None) => {}
+                        Err(e) => return Err(TryError::Reset(io::Error::other(e))),
                     }
-                    Ok(None) => {}
-                    Err(e) => return Err(TryError::Reset(io::Error::other(e))),
+                    break;
                 }
+            }
+            if let Some(resp) = early {
+                return Ok(Some((conn, resp)));
             }
         }
         loop {
@@ -989,7 +1010,8 @@ impl Ctx {
         mut early: Early,
         hooks: Option<(Hooks<'_>, &str, u32)>,
     ) -> Exchange {
-        read.advance(req.head_len + in_buf(req, read));
+        let read_before = in_buf(req, read) as u64;
+        read.advance(req.head_len + read_before as usize);
         if let Some((h, upstream, attempts)) = hooks
             && h.d.wants_responses()
         {
@@ -1015,19 +1037,33 @@ impl Ctx {
         for (name, value) in &early.headers {
             write_field(&mut head, name.as_str(), value.as_bytes());
         }
-        head.extend_from_slice(b"content-length: ");
-        head.extend_from_slice(itoa::Buffer::new().format(early.body.len()).as_bytes());
-        // A body that was not relayed is still on the connection: it cannot go on.
-        let unread = req.body_len > 0;
-        if req.close || unread {
-            head.extend_from_slice(b"\r\nconnection: close");
+        // 204 and 304 have no body (RFC 9110 §6.4.1), whatever a plugin gave them.
+        let bodiless = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+        if !bodiless {
+            write_field(
+                &mut head,
+                "content-length",
+                itoa::Buffer::new().format(early.body.len()).as_bytes(),
+            );
         }
-        head.extend_from_slice(b"\r\n\r\n");
+        // A body that was not read is still on the connection, which can go on only
+        // if the rest, when small, is read and dropped first (as hyper does).
+        let left = req.body_len - read_before;
+        let unread = left > 0 && !(left <= SKIP_LIMIT && skip(app, read, left).await);
+        if req.close || unread {
+            head.extend_from_slice(b"connection: close\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
         // The answer to HEAD has the length of the text but not the text.
-        if !req.head_method {
+        if !req.head_method && !bodiless {
             head.extend_from_slice(&early.body);
         }
-        if app.write_all(&head).await.is_err() || unread {
+        let idle = self.st.config.idle_timeout;
+        if within(idle, app.write_all(&head)).await.is_err() {
+            return Exchange::Close;
+        }
+        if unread {
+            linger(app).await;
             return Exchange::Close;
         }
         Exchange::Kept
@@ -1141,6 +1177,9 @@ struct Upload {
     written: usize,
     /// Bytes still to read from the app.
     left: u64,
+    /// The upstream's final response head is in: it is not listened to any more (its
+    /// body waits in the socket until the upload is done).
+    deaf: bool,
 }
 
 impl Upload {
@@ -1150,7 +1189,21 @@ impl Upload {
             filled: 0,
             written: 0,
             left,
+            deaf: false,
         }
+    }
+
+    /// Reads what the upstream says meanwhile, unless [`Upload::deaf`].
+    fn listen(
+        &self,
+        io: &mut UpstreamIo,
+        cx: &mut std::task::Context<'_>,
+        heard: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        if self.deaf {
+            return Poll::Pending;
+        }
+        tokio_util::io::poll_read_buf(Pin::new(io), cx, heard)
     }
 
     /// Goes on with the upload: `Ok(true)` when the body is all sent and flushed,
@@ -1165,7 +1218,7 @@ impl Upload {
         std::future::poll_fn(|cx| {
             loop {
                 heard.reserve(READ_CHUNK);
-                match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, heard) {
+                match self.listen(io, cx, heard) {
                     Poll::Ready(Ok(0)) => {
                         return Poll::Ready(Err(TryError::Reset(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
@@ -1188,7 +1241,7 @@ impl Upload {
                         Poll::Ready(Err(e)) => {
                             // An upstream that answered and closed: its answer may
                             // still be waiting to be read.
-                            return match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, heard) {
+                            return match self.listen(io, cx, heard) {
                                 Poll::Ready(Ok(n)) if n > 0 => Poll::Ready(Ok(false)),
                                 _ => Poll::Ready(Err(TryError::Reset(e))),
                             };
@@ -1216,6 +1269,29 @@ impl Upload {
         })
         .await
     }
+}
+
+/// The most of an unread request body that is read and dropped to keep the app
+/// connection after a local answer, and how long that may take.
+const SKIP_LIMIT: u64 = 64 << 10;
+const SKIP_TIME: Duration = Duration::from_secs(1);
+
+/// Reads and drops the next `left` bytes of the app connection (`read` first);
+/// whether they all came within [`SKIP_TIME`].
+async fn skip(app: &mut AppConn, read: &mut BytesMut, left: u64) -> bool {
+    let left = left as usize;
+    let all = async {
+        while read.len() < left {
+            read.reserve(READ_CHUNK);
+            match tokio::io::AsyncReadExt::read_buf(app, read).await {
+                Ok(n) if n > 0 => {}
+                _ => return false,
+            }
+        }
+        read.advance(left);
+        true
+    };
+    tokio::time::timeout(SKIP_TIME, all).await.unwrap_or(false)
 }
 
 /// How long, at most, the unread rest of a request body is read and dropped after
@@ -1311,6 +1387,12 @@ mod tests {
             String::from_utf8_lossy(&out),
             "POST /a?b=1 HTTP/1.1\r\nhost: up.example:8443\r\nx-app: one\r\nx-app: two\r\ncontent-length: 2\r\nx-added: yes\r\nvia: 1.1 wasmbassador\r\n\r\n"
         );
+        // So is a target `http::Uri` refuses.
+        let odd = "GET /a<b> HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(matches!(
+            parse_request(odd.as_bytes(), Sink::Hooks(&mut hh)),
+            Parsed::Unusual
+        ));
         // A control byte in a value is hyper's to answer (with a 400).
         let bad = "GET / HTTP/1.1\r\nX-Bad: a\x01b\r\n\r\n";
         assert!(matches!(
