@@ -1815,6 +1815,7 @@ async fn http_plugins_run_in_order_see_earlier_edits_route_answer_locally_and_fa
     let mut app = h1(listener(&amb, "local")).await;
     let hi = || Full::new(Bytes::from_static(b"hi")).boxed();
     for req in [post("/echo", hi()), get("/echo")] {
+        app.ready().await.expect("the connection stays open");
         let resp = app
             .send_request(req)
             .await
@@ -1824,6 +1825,7 @@ async fn http_plugins_run_in_order_see_earlier_edits_route_answer_locally_and_fa
     }
     let mut app = h1(listener(&amb, "local-204")).await;
     for _ in 0..2 {
+        app.ready().await.expect("the connection stays open");
         let resp = app
             .send_request(get("/echo"))
             .await
@@ -1873,6 +1875,7 @@ async fn http_plugins_run_in_order_see_earlier_edits_route_answer_locally_and_fa
     // hooks runs once per request, three requests on one app connection.
     let mut app = h1(listener(&amb, "pass")).await;
     for _ in 0..3 {
+        app.ready().await.expect("connection open");
         let resp = app.send_request(get("/hello")).await.expect("response");
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(header(&resp, "x-server"), "one");
@@ -1934,6 +1937,20 @@ async fn a_request_a_plugin_marks_retryable_is_retried_with_its_buffered_body_an
     let (status, _, _) = send(marked, post("/flaky-503?small", small())).await;
     assert_eq!(status, StatusCode::OK, "retried");
     assert_eq!(one.hits("/flaky-503?small"), 2);
+    // So is one whose body comes a while after its head.
+    let mut s = TcpStream::connect(marked).await.expect("connect");
+    s.write_all(b"POST /flaky-503?late HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        .await
+        .expect("head");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(b"hello").await.expect("body");
+    let mut answer = [0u8; 12];
+    tokio::time::timeout(PATIENCE, s.read_exact(&mut answer))
+        .await
+        .expect("answer in time")
+        .expect("status line");
+    assert_eq!(&answer, b"HTTP/1.1 200", "retried");
+    assert_eq!(one.hits("/flaky-503?late"), 2);
     // The buffered body goes up whole.
     let (status, h, _) = send(marked, post("/upload", small())).await;
     assert_eq!(status, StatusCode::OK);

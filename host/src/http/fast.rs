@@ -230,7 +230,9 @@ fn parse_request(buf: &[u8], sink: Sink<'_>) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
+        // A head over the limit is hyper's to refuse (431), however it arrived: one
+        // read can bring more than the limit at once.
+        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parsed::Partial,
         _ => return Parsed::Unusual,
     };
@@ -323,9 +325,11 @@ fn parse_response(buf: &[u8], req: &Request, out: &mut Vec<u8>) -> Result<Option
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     let head_len = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Ok(None),
-        Ok(httparse::Status::Partial) => return Err("response head too large"),
+        Ok(httparse::Status::Complete(_) | httparse::Status::Partial) => {
+            return Err("response head too large");
+        }
         Err(httparse::Error::TooManyHeaders) => return Err("too many response header fields"),
         Err(_) => return Err("malformed response head"),
     };
@@ -704,6 +708,34 @@ impl Ctx {
         let timeout = self.st.config.request_timeout();
         let deadline = Instant::now() + timeout;
         pool.budget.deposit();
+        let local = |try_no: u32| hooks.map(|h| (h, name, try_no));
+        // A body a plugin marked retryable is read whole first when it is within
+        // `buffer_body`, as on hyper's path: whether the request can be sent again
+        // must not depend on how its bytes happened to arrive.
+        let marked = hooks.is_some_and(|h| h.d.retryable);
+        if marked && req.body_len > 0 && req.body_len <= pool.retry.buffer_body {
+            let want = req.head_len + req.body_len as usize;
+            let read = &mut bufs.app;
+            let whole = async {
+                while read.len() < want {
+                    read.reserve(READ_CHUNK);
+                    match tokio::io::AsyncReadExt::read_buf(app, read).await {
+                        Ok(n) if n > 0 => {}
+                        _ => return false,
+                    }
+                }
+                true
+            };
+            match tokio::time::timeout_at(deadline.into(), whole).await {
+                Ok(true) => {}
+                Ok(false) => return Exchange::Close,
+                Err(_) => {
+                    let text = "wasmbassador: the request body did not arrive within request_timeout\n";
+                    let early = Early::text(StatusCode::REQUEST_TIMEOUT, text.to_string());
+                    return self.answer(app, req, &mut bufs.app, early, local(0)).await;
+                }
+            }
+        }
         // The body's bytes already read with the head go up with the head.
         let in_buf = in_buf(req, &bufs.app);
         bufs.out
@@ -711,15 +743,12 @@ impl Ctx {
         // A request a plugin marked retryable can be sent again when its whole body
         // came with the head and is within `buffer_body` (as on hyper's path, where
         // such a body is collected first).
-        let marked = hooks.is_some_and(|h| h.d.retryable)
-            && in_buf as u64 == req.body_len
-            && req.body_len <= pool.retry.buffer_body;
+        let marked = marked && in_buf as u64 == req.body_len && req.body_len <= pool.retry.buffer_body;
         let attempts = if req.retryable || marked {
             pool.retry.attempts.max(1)
         } else {
             1
         };
-        let local = |try_no: u32| hooks.map(|h| (h, name, try_no));
         let mut try_no: u32 = 0;
         let (mut conn, resp, sent) = loop {
             try_no += 1;
@@ -1430,6 +1459,9 @@ mod tests {
             assert!(matches!(req(text).0, Parsed::Unusual), "{text:?} was taken");
         }
         assert!(matches!(req("GET / HTTP/1.1\r\nHost: x\r\n").0, Parsed::Partial));
+        // A whole head over the limit, come in one read, is refused by hyper (431).
+        let big = format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(MAX_HEAD));
+        assert!(matches!(req(&big).0, Parsed::Unusual));
         // `Connection` cannot take away the field that frames the body.
         let (p, out) = req("POST / HTTP/1.1\r\nConnection: content-length\r\nContent-Length: 2\r\n\r\nhi");
         assert!(matches!(p, Parsed::Ready(Request { body_len: 2, .. })));
