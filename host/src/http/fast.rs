@@ -47,7 +47,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::StatusCode;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::hooks::{Answered, Decision, Early, Prepared};
 use super::pool::{Conn, Pool, SendError};
@@ -646,7 +646,12 @@ impl Ctx {
             // The plugins' say, and where they send the request.
             let mut decision = None;
             let (up, pool) = if plugins {
-                match self.route(&req, &mut hh, app, &mut bufs).await {
+                let route = self.route(&req, &mut hh, app, &mut bufs);
+                let Some(routed) = watched(route, &signals, hard.as_mut(), stopped.as_mut(), &closing).await
+                else {
+                    return End::Closed;
+                };
+                match routed {
                     Routed::Go(d, up, pool) => {
                         decision = Some(d);
                         (up, pool)
@@ -663,22 +668,8 @@ impl Ctx {
             };
             let hooks = decision.as_ref().map(|d| Hooks { d, head: &hh });
             // The exchange, which a hard stop ends at once and a stop lets finish.
-            let done = {
-                let exchange = self.exchange((&up, &pool), app, &req, &mut bufs, &closing, hooks);
-                tokio::pin!(exchange);
-                std::future::poll_fn(|cx| {
-                    if let Some(mut scx) = signals.due(cx) {
-                        if hard.as_mut().poll(&mut scx).is_ready() {
-                            return Poll::Ready(None);
-                        }
-                        if !closing.load(Ordering::Relaxed) && stopped.as_mut().poll(&mut scx).is_ready() {
-                            closing.store(true, Ordering::Relaxed);
-                        }
-                    }
-                    exchange.as_mut().poll(cx).map(Some)
-                })
-                .await
-            };
+            let exchange = self.exchange((&up, &pool), app, &req, &mut bufs, &closing, hooks);
+            let done = watched(exchange, &signals, hard.as_mut(), stopped.as_mut(), &closing).await;
             match done {
                 None | Some(Exchange::Close) => return End::Closed,
                 Some(Exchange::Hyper) => {
@@ -714,18 +705,7 @@ impl Ctx {
         // must not depend on how its bytes happened to arrive.
         let marked = hooks.is_some_and(|h| h.d.retryable);
         if marked && req.body_len > 0 && req.body_len <= pool.retry.buffer_body {
-            let want = req.head_len + req.body_len as usize;
-            let read = &mut bufs.app;
-            let whole = async {
-                while read.len() < want {
-                    read.reserve(READ_CHUNK);
-                    match tokio::io::AsyncReadExt::read_buf(app, read).await {
-                        Ok(n) if n > 0 => {}
-                        _ => return false,
-                    }
-                }
-                true
-            };
+            let whole = fill(app, &mut bufs.app, req.head_len + req.body_len as usize);
             match tokio::time::timeout_at(deadline.into(), whole).await {
                 Ok(true) => {}
                 Ok(false) => return Exchange::Close,
@@ -1197,6 +1177,30 @@ impl Ctx {
     }
 }
 
+/// `fut`, which a hard stop ends at once (`None`) and a stop lets finish, noting it
+/// in `closing` so that its response is the connection's last.
+async fn watched<F: Future>(
+    fut: F,
+    signals: &Signals,
+    mut hard: Pin<&mut WaitForCancellationFuture<'_>>,
+    mut stopped: Pin<&mut WaitForCancellationFuture<'_>>,
+    closing: &AtomicBool,
+) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        if let Some(mut scx) = signals.due(cx) {
+            if hard.as_mut().poll(&mut scx).is_ready() {
+                return Poll::Ready(None);
+            }
+            if !closing.load(Ordering::Relaxed) && stopped.as_mut().poll(&mut scx).is_ready() {
+                closing.store(true, Ordering::Relaxed);
+            }
+        }
+        fut.as_mut().poll(cx).map(Some)
+    })
+    .await
+}
+
 /// The rest of a request body on its way from the app to the upstream, which is
 /// listened to all along.
 struct Upload {
@@ -1309,18 +1313,25 @@ const SKIP_TIME: Duration = Duration::from_secs(1);
 /// whether they all came within [`SKIP_TIME`].
 async fn skip(app: &mut AppConn, read: &mut BytesMut, left: u64) -> bool {
     let left = left as usize;
-    let all = async {
-        while read.len() < left {
-            read.reserve(READ_CHUNK);
-            match tokio::io::AsyncReadExt::read_buf(app, read).await {
-                Ok(n) if n > 0 => {}
-                _ => return false,
-            }
-        }
+    let all = tokio::time::timeout(SKIP_TIME, fill(app, read, left)).await;
+    if all.unwrap_or(false) {
         read.advance(left);
-        true
-    };
-    tokio::time::timeout(SKIP_TIME, all).await.unwrap_or(false)
+        return true;
+    }
+    false
+}
+
+/// Reads from the app connection until `read` holds `want` bytes; false when it
+/// closes or fails first.
+async fn fill(app: &mut AppConn, read: &mut BytesMut, want: usize) -> bool {
+    while read.len() < want {
+        read.reserve(READ_CHUNK);
+        match tokio::io::AsyncReadExt::read_buf(app, read).await {
+            Ok(n) if n > 0 => {}
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// How long, at most, the unread rest of a request body is read and dropped after
