@@ -26,6 +26,9 @@
 //! `Connection` names), `Host` set to the upstream's, `Via` added both ways, the same
 //! pool, retries, budget, timeouts and metrics, and the same local answers.
 //!
+//! Beside this file: [`body`] (the request body on its way up while the upstream is
+//! heard, and the rest of a body that is not sent) and [`plugins`] (the hooks' part).
+//!
 //! # Plugins
 //! On a listener with plugins the head is taken apart into a `HeaderMap` (the form
 //! the hooks take on hyper's path too), `on-request` runs over it, and the head for
@@ -55,6 +58,11 @@ use super::{AppConn, Ctx, HEAD_TIMEOUT, MAX_HEAD, Signals, budget_spent, retry, 
 use crate::connect::UpstreamIo;
 use crate::plugin::ResponseSource;
 use crate::upstream::Upstream;
+
+mod body;
+mod plugins;
+use body::{SKIP_LIMIT, Upload, fill, linger, skip};
+use plugins::{HookHead, Hooks, Routed};
 
 /// Most fields a head may have here (hyper's limit as well); more go to hyper.
 const MAX_HEADERS: usize = 100;
@@ -188,15 +196,6 @@ fn start_request_head(out: &mut Vec<u8>, method: &str, path: &str, host: &[u8]) 
     write_field(out, "host", host);
 }
 
-/// The head for the upstream of a request the plugins saw (and may have edited).
-fn write_request_head(out: &mut Vec<u8>, h: &HookHead, host: &[u8]) {
-    start_request_head(out, &h.method, &h.path, host);
-    for (name, value) in &h.headers {
-        write_field(out, name.as_str(), value.as_bytes());
-    }
-    out.extend_from_slice(b"via: 1.1 wasmbassador\r\n\r\n");
-}
-
 fn write_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
@@ -210,18 +209,6 @@ enum Sink<'a> {
     Wire { host: &'a [u8], out: &'a mut Vec<u8> },
     /// Taken apart for the plugins, and written by [`write_request_head`] after them.
     Hooks(&'a mut HookHead),
-}
-
-/// A request head as the plugins see it: what hyper's path hands them too, hop-by-hop
-/// fields and `Host` gone, field names in lower case. Reused by each request of a
-/// connection.
-#[derive(Default)]
-struct HookHead {
-    method: String,
-    path: String,
-    /// The app's `Host`.
-    authority: Option<String>,
-    headers: HeaderMap,
 }
 
 /// Parses the request head at the start of `buf`; when the fast path takes it, the
@@ -1077,104 +1064,6 @@ impl Ctx {
         }
         Exchange::Kept
     }
-
-    /// After `on-request`: a plugin's answer, or the upstream and pool the request
-    /// goes to, with its head for the upstream written into `bufs.out`.
-    async fn route(&self, req: &Request, hh: &mut HookHead, app: &mut AppConn, bufs: &mut Bufs) -> Routed {
-        let mut d = self.request_hooks(&hh.method, &hh.path, hh.authority.as_deref(), &mut hh.headers);
-        let listener_upstream = self.st.config.upstream.as_str();
-        let found = match d.early.take() {
-            Some(early) => Err(early),
-            None => {
-                let (name, tag, by) = d.target(listener_upstream);
-                self.upstream_for(name, tag, by)
-                    .map_err(|(status, text)| Early::text(status, text))
-                    .map(|up| {
-                        let pool = up.http_pool(tag);
-                        (up, pool)
-                    })
-            }
-        };
-        let (up, pool) = match found {
-            Ok(found) => found,
-            Err(early) => {
-                let name = d.target(listener_upstream).0;
-                let hooks = Hooks { d: &d, head: hh };
-                let done = self
-                    .answer(app, req, &mut bufs.app, early, Some((hooks, name, 0)))
-                    .await;
-                return Routed::Answered(done);
-            }
-        };
-        // An HTTP/2 upstream, or one whose authority is unusable, is hyper's to
-        // serve (and to answer for).
-        let Some(host) = pool.host().filter(|_| !pool.is_h2()) else {
-            return Routed::Hyper(d);
-        };
-        write_request_head(&mut bufs.out, hh, host.as_bytes());
-        Routed::Go(d, up, pool)
-    }
-
-    /// Gives hyper the request whose hooks ran here, with the plugins' edits.
-    fn hand_over(&self, decision: Decision, hh: &mut HookHead) {
-        let prepared = Prepared {
-            decision,
-            headers: std::mem::take(&mut hh.headers),
-        };
-        *self
-            .prepared
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(prepared);
-    }
-
-    /// Runs `on-response` over a response head that [`parse_response`] wrote, and
-    /// writes it again with the plugins' edits. The fields that frame or close the
-    /// connection (`transfer-encoding`, `connection`) are the host's: the plugins do
-    /// not see them, and they stay as they were.
-    fn edit_response_head(&self, head: &mut Vec<u8>, d: &Decision, answered: &Answered<'_>) {
-        // `parse_response` writes at most three fields of its own.
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS + 3];
-        let mut parsed = httparse::Response::new(&mut fields);
-        // One copy of the head that every field value shares, rather than an
-        // allocation for each.
-        let shared = Bytes::copy_from_slice(head);
-        let Ok(httparse::Status::Complete(_)) = parsed.parse(&shared) else {
-            return;
-        };
-        let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-        let mut kept: Vec<&httparse::Header<'_>> = Vec::new();
-        for f in parsed.headers.iter() {
-            if hop_by_hop(f.name) {
-                kept.push(f);
-                continue;
-            }
-            match (
-                HeaderName::from_bytes(f.name.as_bytes()),
-                HeaderValue::from_maybe_shared(shared.slice_ref(f.value)),
-            ) {
-                (Ok(name), Ok(value)) => {
-                    headers.append(name, value);
-                }
-                // Not a field hyper's types can hold: it stays, unseen by the hooks.
-                _ => kept.push(f),
-            }
-        }
-        if !self.response_hooks(d, answered, &mut headers) {
-            // Seen, not edited: the head stays as it was written.
-            return;
-        }
-        let line_end = shared.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
-        let mut out = Vec::with_capacity(head.len() + 64);
-        out.extend_from_slice(&shared[..line_end + 2]);
-        for (name, value) in &headers {
-            write_field(&mut out, name.as_str(), value.as_bytes());
-        }
-        for f in kept {
-            write_field(&mut out, f.name, f.value);
-        }
-        out.extend_from_slice(b"\r\n");
-        *head = out;
-    }
 }
 
 /// `fut`, which a hard stop ends at once (`None`) and a stop lets finish, noting it
@@ -1201,183 +1090,9 @@ async fn watched<F: Future>(
     .await
 }
 
-/// The rest of a request body on its way from the app to the upstream, which is
-/// listened to all along.
-struct Upload {
-    chunk: Vec<u8>,
-    /// Bytes of `chunk` read from the app, and of those, written upstream.
-    filled: usize,
-    written: usize,
-    /// Bytes still to read from the app.
-    left: u64,
-    /// The upstream's final response head is in: it is not listened to any more (its
-    /// body waits in the socket until the upload is done).
-    deaf: bool,
-}
-
-impl Upload {
-    fn new(left: u64) -> Self {
-        Upload {
-            chunk: vec![0u8; READ_CHUNK],
-            filled: 0,
-            written: 0,
-            left,
-            deaf: false,
-        }
-    }
-
-    /// Reads what the upstream says meanwhile, unless [`Upload::deaf`].
-    fn listen(
-        &self,
-        io: &mut UpstreamIo,
-        cx: &mut std::task::Context<'_>,
-        heard: &mut BytesMut,
-    ) -> Poll<io::Result<usize>> {
-        if self.deaf {
-            return Poll::Pending;
-        }
-        tokio_util::io::poll_read_buf(Pin::new(io), cx, heard)
-    }
-
-    /// Goes on with the upload: `Ok(true)` when the body is all sent and flushed,
-    /// `Ok(false)` when the upstream said something first (it is in `heard`), to be
-    /// called again unless that is a final answer.
-    async fn run(
-        &mut self,
-        app: &mut AppConn,
-        io: &mut UpstreamIo,
-        heard: &mut BytesMut,
-    ) -> Result<bool, TryError> {
-        std::future::poll_fn(|cx| {
-            loop {
-                heard.reserve(READ_CHUNK);
-                match self.listen(io, cx, heard) {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Err(TryError::Reset(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "connection closed during the request body",
-                        ))));
-                    }
-                    Poll::Ready(Ok(_)) => return Poll::Ready(Ok(false)),
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(TryError::Reset(e))),
-                    Poll::Pending => {}
-                }
-                if self.written < self.filled {
-                    match Pin::new(&mut *io).poll_write(cx, &self.chunk[self.written..self.filled]) {
-                        Poll::Ready(Ok(0)) => {
-                            return Poll::Ready(Err(TryError::Reset(io::ErrorKind::WriteZero.into())));
-                        }
-                        Poll::Ready(Ok(n)) => {
-                            self.written += n;
-                            continue;
-                        }
-                        Poll::Ready(Err(e)) => {
-                            // An upstream that answered and closed: its answer may
-                            // still be waiting to be read.
-                            return match self.listen(io, cx, heard) {
-                                Poll::Ready(Ok(n)) if n > 0 => Poll::Ready(Ok(false)),
-                                _ => Poll::Ready(Err(TryError::Reset(e))),
-                            };
-                        }
-                        Poll::Pending => return Poll::Pending,
-                    }
-                }
-                if self.left == 0 {
-                    return Pin::new(&mut *io)
-                        .poll_flush(cx)
-                        .map(|r| r.map(|()| true).map_err(TryError::Reset));
-                }
-                let want = self.left.min(READ_CHUNK as u64) as usize;
-                let mut buf = tokio::io::ReadBuf::new(&mut self.chunk[..want]);
-                match Pin::new(&mut *app).poll_read(cx, &mut buf) {
-                    Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
-                        self.filled = buf.filled().len();
-                        self.written = 0;
-                        self.left -= self.filled as u64;
-                    }
-                    Poll::Ready(_) => return Poll::Ready(Err(TryError::AppGone)),
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
-        })
-        .await
-    }
-}
-
-/// The most of an unread request body that is read and dropped to keep the app
-/// connection after a local answer, and how long that may take.
-const SKIP_LIMIT: u64 = 64 << 10;
-const SKIP_TIME: Duration = Duration::from_secs(1);
-
-/// Reads and drops the next `left` bytes of the app connection (`read` first);
-/// whether they all came within [`SKIP_TIME`].
-async fn skip(app: &mut AppConn, read: &mut BytesMut, left: u64) -> bool {
-    let left = left as usize;
-    let all = tokio::time::timeout(SKIP_TIME, fill(app, read, left)).await;
-    if all.unwrap_or(false) {
-        read.advance(left);
-        return true;
-    }
-    false
-}
-
-/// Reads from the app connection until `read` holds `want` bytes; false when it
-/// closes or fails first.
-async fn fill(app: &mut AppConn, read: &mut BytesMut, want: usize) -> bool {
-    while read.len() < want {
-        read.reserve(READ_CHUNK);
-        match tokio::io::AsyncReadExt::read_buf(app, read).await {
-            Ok(n) if n > 0 => {}
-            _ => return false,
-        }
-    }
-    true
-}
-
-/// How long, at most, the unread rest of a request body is read and dropped after
-/// an early answer, and how long each read may wait.
-const LINGER: Duration = Duration::from_secs(5);
-const LINGER_READ: Duration = Duration::from_secs(1);
-
-/// Closes an app connection whose request body was not read to its end: the write
-/// side first, then what the app still sends is read and dropped for a while.
-/// Closing at once, with bytes unread, would make the kernel reset the connection,
-/// and a reset can destroy the answer before the app reads it (a lingering close,
-/// as nginx and Apache do it).
-async fn linger(app: &mut AppConn) {
-    if app.shutdown().await.is_err() {
-        return;
-    }
-    let until = Instant::now() + LINGER;
-    let mut sink = vec![0u8; READ_CHUNK];
-    while Instant::now() < until {
-        match tokio::time::timeout(LINGER_READ, tokio::io::AsyncReadExt::read(app, &mut sink)).await {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => return,
-        }
-    }
-}
-
 /// The body bytes of `req` already in `read` behind its head.
 fn in_buf(req: &Request, read: &[u8]) -> usize {
     ((read.len() - req.head_len) as u64).min(req.body_len) as usize
-}
-
-/// The plugins' part in one exchange.
-#[derive(Clone, Copy)]
-struct Hooks<'a> {
-    d: &'a Decision,
-    head: &'a HookHead,
-}
-
-/// Where [`Ctx::route`] left a request.
-enum Routed {
-    /// To this upstream, through this pool.
-    Go(Decision, Arc<Upstream>, Arc<Pool>),
-    /// Answered here (by a plugin, or with the host's 502 for a route to nowhere).
-    Answered(Exchange),
-    /// To hyper, with the plugins' decision.
-    Hyper(Decision),
 }
 
 /// `fut`, given `idle` (the listener's `idle_timeout`) at most when there is one.
@@ -1392,6 +1107,7 @@ async fn within<T>(idle: Option<Duration>, fut: impl Future<Output = io::Result<
 
 #[cfg(test)]
 mod tests {
+    use super::plugins::write_request_head;
     use super::*;
 
     fn req(text: &str) -> (Parsed, String) {
