@@ -196,6 +196,16 @@ fn start_request_head(out: &mut Vec<u8>, method: &str, path: &str, host: &[u8]) 
     write_field(out, "host", host);
 }
 
+/// A field of a head parsed from `parsed` as `http`'s types hold it, its value a
+/// slice of `shared` (a copy of the head that every value shares, rather than an
+/// allocation for each); `None` when those types refuse it.
+fn typed_field(h: &httparse::Header<'_>, parsed: &[u8], shared: &Bytes) -> Option<(HeaderName, HeaderValue)> {
+    let at = h.value.as_ptr() as usize - parsed.as_ptr() as usize;
+    let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+    let value = HeaderValue::from_maybe_shared(shared.slice(at..at + h.value.len())).ok()?;
+    Some((name, value))
+}
+
 fn write_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
@@ -280,16 +290,10 @@ fn parse_request(buf: &[u8], sink: Sink<'_>) -> Parsed {
                 .and_then(|h| std::str::from_utf8(h.value).ok())
                 .map(str::to_string);
             hh.headers.clear();
-            // One copy of the head that every field value shares, rather than an
-            // allocation for each.
             let shared = Bytes::copy_from_slice(&buf[..head_len]);
             for h in passed {
-                let at = h.value.as_ptr() as usize - buf.as_ptr() as usize;
                 // What `HeaderValue` refuses (control bytes) hyper answers with a 400.
-                let (Ok(name), Ok(value)) = (
-                    HeaderName::from_bytes(h.name.as_bytes()),
-                    HeaderValue::from_maybe_shared(shared.slice(at..at + h.value.len())),
-                ) else {
+                let Some((name, value)) = typed_field(h, buf, &shared) else {
                     return Parsed::Unusual;
                 };
                 hh.headers.append(name, value);
@@ -707,9 +711,6 @@ impl Ctx {
         let in_buf = in_buf(req, &bufs.app);
         bufs.out
             .extend_from_slice(&bufs.app[req.head_len..req.head_len + in_buf]);
-        // A request a plugin marked retryable can be sent again when its whole body
-        // came with the head and is within `buffer_body` (as on hyper's path, where
-        // such a body is collected first).
         let marked = marked && in_buf as u64 == req.body_len && req.body_len <= pool.retry.buffer_body;
         let attempts = if req.retryable || marked {
             pool.retry.attempts.max(1)

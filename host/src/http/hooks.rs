@@ -40,7 +40,7 @@ pub(super) struct Early {
 }
 
 impl Early {
-    /// The host's plain-text answer (what [`super::local`] makes).
+    /// The host's plain-text answer (what [`super::local`] makes of it).
     pub fn text(status: StatusCode, text: String) -> Self {
         let mut headers = HeaderMap::with_capacity(1);
         headers.insert(
@@ -55,7 +55,7 @@ impl Early {
         }
     }
 
-    fn into_response(self) -> Response<Body> {
+    pub fn into_response(self) -> Response<Body> {
         let mut resp = Response::new(Either::Right(Full::new(self.body)));
         *resp.status_mut() = self.status;
         *resp.headers_mut() = self.headers;

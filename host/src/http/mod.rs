@@ -30,7 +30,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_TYPE, HOST, HeaderValue, UPGRADE};
+use http::header::{CONNECTION, HOST, HeaderValue, UPGRADE};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -764,13 +764,7 @@ fn upgrade_hop(h: &mut http::HeaderMap, received: Version) {
 }
 
 fn local(status: StatusCode, text: String) -> Response<Body> {
-    let mut r = Response::new(Either::Right(Full::new(Bytes::from(text))));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
+    hooks::Early::text(status, text).into_response()
 }
 
 /// The status classes, in the order of [`ListenerState::http_requests`]'s counters.

@@ -53,23 +53,21 @@ impl Ctx {
         bufs: &mut Bufs,
     ) -> Routed {
         let mut d = self.request_hooks(&hh.method, &hh.path, hh.authority.as_deref(), &mut hh.headers);
-        let listener_upstream = self.st.config.upstream.as_str();
-        let found = match d.early.take() {
+        let early = d.early.take();
+        let (name, tag, by) = d.target(self.st.config.upstream.as_str());
+        let found = match early {
             Some(early) => Err(early),
-            None => {
-                let (name, tag, by) = d.target(listener_upstream);
-                self.upstream_for(name, tag, by)
-                    .map_err(|(status, text)| Early::text(status, text))
-                    .map(|up| {
-                        let pool = up.http_pool(tag);
-                        (up, pool)
-                    })
-            }
+            None => self
+                .upstream_for(name, tag, by)
+                .map_err(|(status, text)| Early::text(status, text))
+                .map(|up| {
+                    let pool = up.http_pool(tag);
+                    (up, pool)
+                }),
         };
         let (up, pool) = match found {
             Ok(found) => found,
             Err(early) => {
-                let name = d.target(listener_upstream).0;
                 let hooks = Hooks { d: &d, head: hh };
                 let done = self
                     .answer(app, req, &mut bufs.app, early, Some((hooks, name, 0)))
@@ -106,8 +104,6 @@ impl Ctx {
         // `parse_response` writes at most three fields of its own.
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS + 3];
         let mut parsed = httparse::Response::new(&mut fields);
-        // One copy of the head that every field value shares, rather than an
-        // allocation for each.
         let shared = Bytes::copy_from_slice(head);
         let Ok(httparse::Status::Complete(_)) = parsed.parse(&shared) else {
             return;
@@ -119,15 +115,12 @@ impl Ctx {
                 kept.push(f);
                 continue;
             }
-            match (
-                HeaderName::from_bytes(f.name.as_bytes()),
-                HeaderValue::from_maybe_shared(shared.slice_ref(f.value)),
-            ) {
-                (Ok(name), Ok(value)) => {
+            match typed_field(f, &shared, &shared) {
+                Some((name, value)) => {
                     headers.append(name, value);
                 }
                 // Not a field hyper's types can hold: it stays, unseen by the hooks.
-                _ => kept.push(f),
+                None => kept.push(f),
             }
         }
         if !self.response_hooks(d, answered, &mut headers) {
